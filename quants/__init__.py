@@ -1,0 +1,175 @@
+"""Float32 rows -> GGUF block bytes, for every type this project writes, matching ggml bit for bit.
+
+gguf-py (0.19.0) quantizes F16/BF16/Q8_0 and the legacy types without an importance vector; the K-quants,
+IQ4_NL/IQ4_XS and the importance-weighted legacy paths are ours (one module per type, vectorised over
+blocks). Importing this package registers our quantizers into gguf's registry, so upstream code that calls
+`gguf.quants.quantize(x, GGMLQuantizationType.Q4_K)` works unchanged (see `register`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+__all__ = [
+    "QuantInputError", "WRITABLE_TYPES", "quantize", "dequantize", "parse_type", "type_name",
+    "block_size", "row_bytes", "register", "requires_importance",
+]
+
+T = GGMLQuantizationType
+
+
+class QuantInputError(ValueError):
+    """Bad data for a quantizer (NaN, wrong row length, bad importance); the message names the fix."""
+
+
+# type -> "module:function" of our numpy quantizer: fn(rows_f32_2d, importance_or_None) -> uint8 (n_rows, row_bytes).
+# Types absent here but in _GGUF_NATIVE are quantized by gguf-py itself (importance ignored, as ggml does).
+_OWN: dict[GGMLQuantizationType, str] = {
+    T.Q2_K: "quants.q2_k:quantize_q2_k",
+    T.Q3_K: "quants.q3_k:quantize_q3_k",
+    T.Q4_K: "quants.q4_k:quantize_q4_k",
+    T.Q5_K: "quants.q5_k:quantize_q5_k",
+    T.Q6_K: "quants.q6_k:quantize_q6_k",
+    T.IQ4_NL: "quants.iq4:quantize_iq4_nl",
+    T.IQ4_XS: "quants.iq4:quantize_iq4_xs",
+    T.Q4_0: "quants.q4_0:quantize_q4_0",
+    T.Q4_1: "quants.q4_1:quantize_q4_1",
+    T.Q5_0: "quants.q5_0:quantize_q5_0",
+    T.Q5_1: "quants.q5_1:quantize_q5_1",
+}
+# Quantized by gguf-py; ggml ignores the importance vector for these too.
+_GGUF_NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0)
+
+WRITABLE_TYPES: tuple[GGMLQuantizationType, ...] = (
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0,
+    T.IQ4_XS, T.IQ4_NL, T.Q3_K, T.Q2_K,
+)
+
+
+def parse_type(name: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
+    """'q4_k', 'Q4_K', 'iq4_xs' or a ggml type id -> GGMLQuantizationType; one-line error otherwise."""
+    if isinstance(name, GGMLQuantizationType):
+        return name
+    if isinstance(name, int):
+        return GGMLQuantizationType(name)
+    key = str(name).strip().upper()
+    try:
+        return GGMLQuantizationType[key]
+    except KeyError:
+        valid = ", ".join(t.name for t in WRITABLE_TYPES)
+        raise QuantInputError(f"unknown quantization type {name!r}; valid types: {valid}") from None
+
+
+def type_name(qtype: GGMLQuantizationType | int | str) -> str:
+    return parse_type(qtype).name
+
+
+def block_size(qtype: GGMLQuantizationType | str) -> int:
+    return GGML_QUANT_SIZES[parse_type(qtype)][0]
+
+
+def row_bytes(qtype: GGMLQuantizationType | str, n_per_row: int) -> int:
+    bs, ts = GGML_QUANT_SIZES[parse_type(qtype)]
+    return n_per_row // bs * ts
+
+
+def requires_importance(qtype: GGMLQuantizationType | str) -> bool:
+    """Types ggml refuses to quantize without an imatrix (none of the ones we write today)."""
+    return parse_type(qtype) in (T.IQ2_XXS, T.IQ2_XS, T.IQ1_S)
+
+
+def _own_quantizer(qtype: GGMLQuantizationType) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    module_name, fn_name = _OWN[qtype].split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def _check_inputs(data: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarray | None,
+                  name: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    what = f"tensor {name!r}" if name else "tensor"
+    rows = np.asarray(data, dtype=np.float32)
+    if rows.ndim == 0:
+        raise QuantInputError(f"{what}: cannot quantize a scalar")
+    n_per_row = rows.shape[-1]
+    bs = GGML_QUANT_SIZES[qtype][0]
+    if n_per_row % bs != 0:
+        raise QuantInputError(
+            f"{what}: row length {n_per_row} is not a multiple of the {qtype.name} block size {bs}; "
+            f"choose another type for it (the converter falls back as llama-quantize does)")
+    if not np.isfinite(rows).all():
+        bad = int(np.size(rows) - np.isfinite(rows).sum())
+        raise QuantInputError(f"{what}: {bad} NaN/Inf value(s); fix or re-export the checkpoint")
+    imp = None
+    if importance is not None:
+        imp = np.asarray(importance, dtype=np.float32).reshape(-1)
+        if imp.shape[0] != n_per_row:
+            raise QuantInputError(
+                f"{what}: importance vector has {imp.shape[0]} entries, the row has {n_per_row}; "
+                f"is the imatrix for another model?")
+        if not np.isfinite(imp).all() or (imp < 0).any():
+            raise QuantInputError(f"{what}: importance vector has negative, NaN or Inf entries; the imatrix is corrupt")
+    return rows, imp
+
+
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np.ndarray | None = None,
+             *, name: str | None = None) -> np.ndarray:
+    """Quantize like ggml_quantize_chunk(type, data, importance); bytes laid out as gguf-py lays them out.
+
+    Returns an array of shape data.shape[:-1] + (row_bytes,), dtype uint8 (float16/float32 for F16/F32,
+    as gguf.quants.quantize returns them).
+    """
+    qtype = parse_type(qtype)
+    rows, imp = _check_inputs(data, qtype, importance, name)
+    if qtype in _OWN:
+        if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1) and imp is None:
+            return _gguf_quants().quantize(rows, qtype)  # ggml's *_ref path, which gguf-py implements
+        shape = rows.shape
+        flat = rows.reshape(-1, shape[-1])
+        out = _own_quantizer(qtype)(np.ascontiguousarray(flat), imp)
+        return out.reshape(*shape[:-1], out.shape[-1])
+    if qtype in _GGUF_NATIVE:
+        return _gguf_quants().quantize(rows, qtype)
+    raise QuantInputError(f"type {qtype.name} cannot be written by this project; valid: "
+                          + ", ".join(t.name for t in WRITABLE_TYPES))
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str) -> np.ndarray:
+    """Bytes -> float32, by gguf-py (which dequantizes every type we write)."""
+    return np.asarray(_gguf_quants().dequantize(data, parse_type(qtype)), dtype=np.float32)
+
+
+def _gguf_quants() -> ModuleType:
+    return sys.modules["gguf"].quants if "gguf" in sys.modules else importlib.import_module("gguf.quants")
+
+
+def register(gguf_module: ModuleType | None = None) -> None:
+    """Make `gguf.quants.quantize(x, qtype)` use our quantizers for the types gguf-py cannot quantize.
+
+    Call again with the upstream converter's own `gguf` module when that is a different copy
+    (llama.cpp's gguf-py differs from PyPI's); idempotent.
+    """
+    gq = (gguf_module or sys.modules.get("gguf") or importlib.import_module("gguf")).quants
+    for qtype in _OWN:
+        cls = gq._type_traits.get(qtype)
+        if cls is None or getattr(cls, "_gguf_strategy_registered", False):
+            continue
+        if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+            continue  # gguf-py's own quantize_blocks already is ggml's reference path
+
+        def quantize_blocks(_cls, blocks: np.ndarray, _qtype=qtype) -> np.ndarray:
+            # gguf-py hands over (n_blocks, block_size) float32; our quantizers work on rows of whole blocks
+            bs = GGML_QUANT_SIZES[_qtype][0]
+            flat = np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1, bs)
+            out = _own_quantizer(_qtype)(flat, None)
+            return out.reshape(blocks.shape[0], -1) if blocks.ndim == 2 else out.reshape(*blocks.shape[:-1], -1)
+
+        cls.quantize_blocks = classmethod(quantize_blocks)
+        cls._gguf_strategy_registered = True
+
+
+register()

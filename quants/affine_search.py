@@ -372,21 +372,37 @@ def row_chunks(n_rows: int, n_per_row: int, target: int = 1 << 18):
 
 def _float_to_byte(v: np.ndarray) -> np.ndarray:
     """C's (u)int8 conversion of a float as x86 code does it: truncate to int32 (INT_MIN when out of
-    range or NaN), keep the low byte. Returned as int64 in [0, 255]."""
+    range or NaN), keep the low byte. Returned as int16 in [0, 255]."""
+    lo, hi = np.min(v), np.max(v)
+    if lo >= 0 and hi < 256:  # the usual case (and False when NaN is present)
+        return v.astype(np.int16)
     t = np.trunc(v)
     ok = np.isfinite(t) & (np.abs(t) < F32(2.0**31))
-    return np.where(ok, t, F32(0.0)).astype(np.int64) & 0xFF
+    return (np.where(ok, t, F32(0.0)).astype(np.int64) & 0xFF).astype(np.int16)
+
+
+def _rowwise_first_zero_sign(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """`_first_zero_sign` for blocks laid out as rows (M, n)."""
+    zero = m == 0
+    if zero.any():
+        xz = x[zero]
+        m[zero] = xz[np.arange(xz.shape[0]), np.argmax(xz == 0, axis=1)]
+    return m
 
 
 def legacy_affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_row_q4_1_ref (nmax 15) / quantize_row_q5_1_ref (nmax 31) on 32-blocks (M, 32) ->
     (d, m fp16-rounded (M,), L (M, 32) uint8 as the C code stores it before packing)."""
-    x = np.ascontiguousarray(blocks.T, dtype=F32)
-    mn = seq_min(x)  # C scans from FLT_MAX with strict '<': same value, same sign of zero
-    mx = seq_max(x)
-    d = (mx - mn) / F32(2**(nmax.bit_length()) - 1)
+    x = np.asarray(blocks, dtype=F32)
+    # C scans from FLT_MAX / -FLT_MAX with strict comparisons: same values, first zero's sign
+    mn = _rowwise_first_zero_sign(x, np.min(x, axis=1))
+    mx = _rowwise_first_zero_sign(x, np.max(x, axis=1))
+    d = (mx - mn) / F32(nmax)
     ident = np.where(d != 0, F32(1.0) / np.where(d != 0, d, F32(1.0)), F32(0.0)).astype(F32)
-    b = _float_to_byte((x - mn) * ident + F32(0.5))
+    v = x - mn[:, None]
+    v *= ident[:, None]
+    v += F32(0.5)
+    b = _float_to_byte(v)
     if nmax == 15:  # MIN(15, (int8_t)v): signed byte, then stored as uint8
         b = np.minimum(15, (b ^ 0x80) - 0x80) & 0xFF
-    return fp16_round(d), fp16_round(mn), np.ascontiguousarray(b.T).astype(np.uint8)
+    return fp16_round(d), fp16_round(mn), b.astype(np.uint8)

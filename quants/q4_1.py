@@ -27,9 +27,8 @@ def quantize_q4_1(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray
                 d, m, L = legacy_affine_ref(chunk.reshape(-1, QK), 15)
             else:
                 d, m, L = legacy_affine_levels(chunk, importance, 15)
-            o = out[sl].reshape(-1, BLOCK_BYTES)
+            o = out[sl].reshape(-1, BLOCK_BYTES)  # a view: out is contiguous
             o[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
             o[:, 2:4] = m.astype("<f2").view(np.uint8).reshape(-1, 2)
             o[:, 4:20] = L[:, :16] | (L[:, 16:] << 4)
-            out[sl] = o.reshape(-1, nb, BLOCK_BYTES)
     return out.reshape(n_rows, nb * BLOCK_BYTES)

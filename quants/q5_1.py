@@ -20,7 +20,6 @@ def quantize_q5_1(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray
     n_rows, n_per_row = rows.shape
     nb = n_per_row // QK
     out = np.empty((n_rows, nb, BLOCK_BYTES), dtype=np.uint8)
-    bit = (np.uint32(1) << np.arange(32, dtype=np.uint32))
     with np.errstate(all="ignore"):  # overflow to inf/NaN is what ggml does too (huge values)
         for sl in row_chunks(n_rows, n_per_row):
             chunk = np.ascontiguousarray(rows[sl], dtype=np.float32)
@@ -28,11 +27,9 @@ def quantize_q5_1(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray
                 d, m, L = legacy_affine_ref(chunk.reshape(-1, QK), 31)
             else:
                 d, m, L = legacy_affine_levels(chunk, importance, 31)
-            o = out[sl].reshape(-1, BLOCK_BYTES)
+            o = out[sl].reshape(-1, BLOCK_BYTES)  # a view: out is contiguous
             o[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
             o[:, 2:4] = m.astype("<f2").view(np.uint8).reshape(-1, 2)
-            qh = np.bitwise_or.reduce(np.where((L >> 4) & 1 != 0, bit, np.uint32(0)), axis=1).astype("<u4")
-            o[:, 4:8] = qh.view(np.uint8).reshape(-1, 4)
+            o[:, 4:8] = np.packbits(L >= 16, axis=1, bitorder="little")  # qh: bit j = 5th bit of L[j]
             o[:, 8:24] = (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
-            out[sl] = o.reshape(-1, nb, BLOCK_BYTES)
     return out.reshape(n_rows, nb * BLOCK_BYTES)

@@ -1,0 +1,94 @@
+"""Q3_K: 256-weight super-blocks, 16 sub-blocks of 16 with 6-bit scales, 3-bit levels (ggml bit for bit).
+
+Without an imatrix ggml uses quantize_row_q3_K_ref (make_q3_quants per sub-block, scales quantized
+against the largest one); with one, quantize_row_q3_K_impl (weighted make_qx_quants for the levels and
+again for the 16 scales).  Block layout (110 bytes): hmask[32], qs[64], scales[12], d fp16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quants.symmetric_search import (
+    F32,
+    blocks_T,
+    chunks,
+    first_absmax,
+    fp16_bits,
+    fp16_round,
+    make_q3_quants,
+    make_qx_quants,
+    nearest_int,
+    seq_sum,
+    unit_importance,
+)
+
+QK_K = 256
+BLOCK_BYTES = 110
+
+
+def quantize_q3_k(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """float32 (n_rows, n_per_row) -> uint8 (n_rows, n_per_row/256*110), as ggml_quantize_chunk(Q3_K)."""
+    n_rows = rows.shape[0]
+    xb = rows.reshape(-1, QK_K)
+    out = np.empty((xb.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for units in chunks(xb.shape[0], QK_K):
+            if importance is None:
+                out[units] = _ref_blocks(xb[units])
+            else:
+                out[units] = _impl_blocks(xb[units], unit_importance(importance, QK_K, units))
+    return out.reshape(n_rows, -1)
+
+
+def _ref_blocks(xb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    x = blocks_T(xb, 16)
+    scales, L = make_q3_quants(x, 4)
+    scales = scales.reshape(nb, 16)
+    _, max_scale = first_absmax(scales.T)
+    nz = max_scale != 0
+    iscale = F32(-32.0) / np.where(nz, max_scale, F32(1.0))
+    li = nearest_int(iscale[:, None] * scales)
+    li = ((li + 128) & 255) - 128  # C stores nearest_int into an int8_t before clamping
+    ls = np.clip(li, -32, 31) + 32
+    ls = np.where(nz[:, None], ls, 0)  # scales bytes stay memset to 0
+    d_store = np.where(nz, F32(1.0) / iscale, F32(0.0))
+    return _finish(x, L, ls, d_store)
+
+
+def _impl_blocks(xb: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    x = blocks_T(xb, 16)
+    xt = np.ascontiguousarray(xb.T)
+    sigma2 = (F32(2.0) * seq_sum(xt * xt)) / F32(QK_K)
+    w = blocks_T(qw, 16) * np.sqrt(np.repeat(sigma2, 16)[None, :] + x * x)
+    sw = seq_sum(w)
+    scales, L = make_qx_quants(x, 4, w)
+    d_block, ls = make_qx_quants(np.ascontiguousarray(scales.reshape(nb, 16).T), 32,
+                                 np.ascontiguousarray(sw.reshape(nb, 16).T))
+    return _finish(x, L, ls.T.astype(np.int32), d_block)
+
+
+def _finish(x: np.ndarray, L: np.ndarray, ls: np.ndarray, d_store: np.ndarray) -> np.ndarray:
+    """Requantize with the stored scales and pack.  x, L (16, nb*16); ls (nb, 16) in [0, 63]; d (nb,)."""
+    nb = ls.shape[0]
+    d = (fp16_round(d_store)[:, None] * (ls - 32).astype(F32)).reshape(-1)
+    nz = d != 0
+    lq = np.clip(nearest_int(x / np.where(nz, d, F32(1.0))), -4, 3) + 4
+    L = np.where(nz, lq, L).astype(np.uint8)
+
+    Ln = L.T.reshape(nb, 8, 32)  # element j -> (j // 32, j % 32)
+    out = np.empty((nb, BLOCK_BYTES), dtype=np.uint8)
+    hm = np.zeros((nb, 32), dtype=np.uint8)
+    for k in range(8):
+        hm |= (Ln[:, k] > 3).astype(np.uint8) << k
+    out[:, :32] = hm
+    L2 = (Ln & 3).reshape(nb, 2, 4, 32)
+    out[:, 32:96].reshape(nb, 2, 32)[:] = L2[:, :, 0] | (L2[:, :, 1] << 2) | (L2[:, :, 2] << 4) | (L2[:, :, 3] << 6)
+    ls = ls.astype(np.uint8)
+    out[:, 96:104] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(nb, 4, 4)  # [j // 4, j % 4]
+    out[:, 104:108] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    out[:, 108:110] = fp16_bits(d_store)
+    return out

@@ -74,14 +74,6 @@ def _first_zero_sign(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return m
 
 
-def _round_clamped(v: np.ndarray, bound: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """MAX(lo, MIN(hi, nearest_int(v))) as float32; rint when every |v| is known to be in range."""
-    if np.all(bound <= _NI_SAFE):  # False for NaN/inf bounds
-        r = np.rint(v)
-        return np.clip(r, F32(lo), F32(hi), out=r)
-    return np.clip(nearest_int(v), int(lo), int(hi)).astype(F32)
-
-
 def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
              use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants / make_qkx3_quants (identical when weights are given) for blocks x (n, M).
@@ -102,24 +94,25 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
         iscale = F32(nmax) / rng
         scale = F32(1.0) / iscale
         xm = x - mn
-        spread = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-        lf = _round_clamped(iscale * xm, np.abs(iscale) * spread, 0, nmax)
-        diff = scale * lf + mn - x
-        diff = np.abs(diff) if use_mad else diff * diff
-        best = seq_sum(w * diff)
-        L = lf
+        la = np.empty_like(x)  # work buffers, reused: fresh MB-sized arrays cost page faults
+        tmp = np.empty_like(x)
+        wl = np.empty_like(x)
+        _levels(xm, iscale, mn, xmin, xmax, nmax, la)
+        best = _weighted_error(la, scale, mn, x, w, use_mad, tmp)
+        # L is a function of (iscale, mn) per block: remember those for the winning step and rebuild
+        # L once at the end instead of copying level arrays on every improvement.
+        L_iscale, L_mn = iscale, mn
         if nstep >= 1:
             fnmax, frmin, frdelta = F32(nmax), F32(rmin), F32(rdelta)
-            tmp = np.empty_like(x)
+            mn_changed = False
             for step in range(nstep + 1):
                 num = (frmin + frdelta * F32(step)) + fnmax
                 iscale = num / (xmax - mn)
                 iscale[flat] = F32(0.0)
-                np.subtract(x, mn, out=xm)
-                spread = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-                np.multiply(xm, iscale, out=tmp)
-                la = _round_clamped(tmp, np.abs(iscale) * spread, 0, nmax)
-                wl = w * la
+                if mn_changed:
+                    np.subtract(x, mn, out=xm)
+                _levels(xm, iscale, mn, xmin, xmax, nmax, la)
+                np.multiply(w, la, out=wl)
                 sum_l = seq_sum(wl)
                 np.multiply(wl, la, out=tmp)
                 sum_l2 = seq_sum(tmp)
@@ -133,27 +126,51 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
                 if pos.any():
                     this_min[pos] = F32(0.0)
                     this_scale[pos] = (sum_xl / sum_l2)[pos]
-                np.multiply(la, this_scale, out=tmp)
-                tmp += this_min
-                tmp -= x
-                if use_mad:
-                    np.abs(tmp, out=tmp)
-                else:
-                    np.multiply(tmp, tmp, out=tmp)
-                tmp *= w
-                cur = seq_sum(tmp)
+                cur = _weighted_error(la, this_scale, this_min, x, w, use_mad, tmp)
                 upd = ok & (cur < best)
-                if upd.any():
-                    L = np.where(upd, la, L)
+                mn_changed = bool(upd.any())
+                if mn_changed:
+                    L_iscale = np.where(upd, iscale, L_iscale)
+                    L_mn = np.where(upd, mn, L_mn)
                     best = np.where(upd, cur, best)
                     scale = np.where(upd, this_scale, scale)
                     mn = np.where(upd, this_min, mn)
-    L = L.astype(np.uint8)
+        if nstep >= 1:
+            np.subtract(x, L_mn, out=xm)
+            _levels(xm, L_iscale, L_mn, xmin, xmax, nmax, la)
+    L = la.astype(np.uint8)
     if flat.any():
         L[:, flat] = 0
         scale[flat] = F32(0.0)
         mn[flat] = np.where(xmin > 0, F32(0.0), xmin)[flat]
     return scale.astype(F32), (-mn).astype(F32), L
+
+
+def _levels(xm: np.ndarray, iscale: np.ndarray, mn: np.ndarray, xmin: np.ndarray, xmax: np.ndarray,
+            nmax: int, out: np.ndarray) -> None:
+    """out = MAX(0, MIN(nmax, nearest_int(iscale * (x - mn)))) as float32; xm holds x - mn."""
+    np.multiply(xm, iscale, out=out)
+    # |x - mn| <= spread, so |iscale * (x - mn)| <= bound (rounding is monotonic)
+    spread = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
+    if np.all(np.abs(iscale) * spread <= _NI_SAFE):  # then nearest_int == rint (False for NaN/inf)
+        np.rint(out, out=out)
+        np.clip(out, F32(0.0), F32(nmax), out=out)  # (np.minimum with a scalar is ~8x slower)
+    else:
+        out[...] = np.clip(nearest_int(out), 0, nmax)
+
+
+def _weighted_error(la: np.ndarray, scale: np.ndarray, mn: np.ndarray, x: np.ndarray, w: np.ndarray,
+                    use_mad: bool, tmp: np.ndarray) -> np.ndarray:
+    """C `e = 0; for: diff = scale*L + min - x; e += w * (use_mad ? |diff| : diff*diff)`."""
+    np.multiply(la, scale, out=tmp)
+    tmp += mn
+    tmp -= x
+    if use_mad:
+        np.abs(tmp, out=tmp)
+    else:
+        np.multiply(tmp, tmp, out=tmp)
+    tmp *= w
+    return seq_sum(tmp)
 
 
 def make_qp(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:

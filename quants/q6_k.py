@@ -31,9 +31,10 @@ def quantize_q6_k(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray
     n_rows, n_per_row = rows.shape
     xb = rows.reshape(-1, QK_K)
     out = np.empty((xb.shape[0], BLOCK_BYTES), dtype=np.uint8)
-    for units in chunks(xb.shape[0], QK_K):
-        qw = None if importance is None else unit_importance(importance, QK_K, units)
-        out[units] = _quantize_blocks(xb[units], qw)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ggml's inf/NaN paths, mirrored
+        for units in chunks(xb.shape[0], QK_K):
+            qw = None if importance is None else unit_importance(importance, QK_K, units)
+            out[units] = _quantize_blocks(xb[units], qw)
     return out.reshape(n_rows, -1)
 
 
@@ -45,13 +46,12 @@ def _quantize_blocks(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     scales = scales.reshape(nb, 16)
     max_abs, max_scale = first_absmax(scales.T)
     zero = max_abs < GROUP_MAX_EPS
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-128.0) / np.where(zero, F32(1.0), max_scale)
-        d_store = F32(1.0) / iscale
-        sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
-        d = (fp16_round(d_store)[:, None] * sc.astype(F32)).reshape(-1)  # (nb*16,)
-        nz = d != 0
-        lq = np.clip(nearest_int(x / np.where(nz, d, F32(1.0))), -32, 31) + 32
+    iscale = F32(-128.0) / np.where(zero, F32(1.0), max_scale)
+    d_store = F32(1.0) / iscale
+    sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
+    d = (fp16_round(d_store)[:, None] * sc.astype(F32)).reshape(-1)  # (nb*16,)
+    nz = d != 0
+    lq = np.clip(nearest_int(x / np.where(nz, d, F32(1.0))), -32, 31) + 32
     L = np.where(nz, lq, L).astype(np.uint8)
 
     Ln = L.T.reshape(nb, 2, 4, 32)  # natural order: half, quarter, element

@@ -419,6 +419,12 @@ def legacy_affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nda
     v = x - mn[:, None]
     v *= ident[:, None]
     v += F32(0.5)
+    lo, hi = np.min(v), np.max(v)
+    if lo >= 0 and hi < 128:  # the usual case (False with NaN): plain truncation, no sign games
+        b = v.astype(np.uint8)
+        if nmax == 15:
+            np.minimum(b, np.uint8(15), out=b)
+        return fp16_round(d), fp16_round(mn), b
     b = _float_to_byte(v)
     if nmax == 15:  # MIN(15, (int8_t)v): signed byte, then stored as uint8
         b = np.minimum(15, (b ^ 0x80) - 0x80) & 0xFF

@@ -210,6 +210,6 @@ def stats_for(c: Candidates, choice: np.ndarray) -> Mapping[str, dict]:
     out = {}
     for i, name in enumerate(c.names):
         j = int(choice[i])
-        out[name] = {"bytes": int(c.nbytes[i, j]), "bpw": round(c.nbytes[i, j] * 8 / max(1, int(c.n_params[i])), 4),
+        out[name] = {"bytes": int(c.nbytes[i, j]), "bpw": round(float(c.nbytes[i, j]) * 8 / max(1, int(c.n_params[i])), 4),
                      "wmse": float(f"{c.err[i, j]:.6g}"), "loss": float(f"{c.loss[i, j]:.6g}")}
     return out

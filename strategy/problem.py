@@ -51,6 +51,7 @@ class Candidates:
     n_layers: int = 0
     total_params: int = 0            # all tensors, for bpw figures
     notes: list[str] = field(default_factory=list)
+    unmeasured: list[str] = field(default_factory=list)  # quantizable but not measured: fixed, still ours to write
     header_bytes: int = 0            # part of fixed_bytes that is not tensor data (header, kv, infos, padding)
 
     @property
@@ -85,6 +86,8 @@ class Candidates:
             if t not in cols:
                 raise StrategyError(f"tensor {name}: type {t} has no measurement; measure it or choose another")
             out[i] = cols[t]
+            if not np.isfinite(self.err[i, out[i]]) and self.nbytes[i, out[i]] == 0:
+                raise StrategyError(f"tensor {name}: type {t} has no measurement; measure it or choose another")
         return out
 
     def types_of(self, choice: np.ndarray) -> dict[str, str]:
@@ -122,6 +125,7 @@ def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None 
     meta_by = {m.name: m for m in metas} if metas is not None else {}
     notes: list[str] = []
     fixed_types: dict[str, str] = {}
+    unmeasured: list[str] = []
 
     if metas is not None:
         order = [m.name for m in metas if m.quantizable and m.name in rows]
@@ -135,6 +139,7 @@ def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None 
             elif m.name not in rows:
                 t = unmeasured_type if fits_row(unmeasured_type, m.n_per_row) else "F16"
                 fixed_types[m.name] = t
+                unmeasured.append(m.name)
                 notes.append(f"{m.name}: not measured, kept at {t}")
     else:
         order = list(rows)
@@ -191,7 +196,7 @@ def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None 
 
     c = Candidates(names=order, types=all_types, nbytes=nbytes, err=err, loss=np.full((n, k), np.inf),
                    valid=valid, n_params=n_params, classes=classes, layers=layers, fixed_bytes=fixed,
-                   fixed_types=fixed_types, n_layers=n_layers, total_params=total_params, notes=notes,
+                   fixed_types=fixed_types, unmeasured=unmeasured, n_layers=n_layers, total_params=total_params, notes=notes,
                    header_bytes=header)
     set_loss(c, calibration)
     if constraints is not None:

@@ -1,0 +1,263 @@
+"""python -m strategy: build, calibrate, show, diff and export per-tensor quantization plans.
+
+    python -m strategy build --db m.db --model DIR --target-size 2.5GiB -o plan.yaml
+    python -m strategy build --db m.db --model DIR --knee -o plan.yaml
+    python -m strategy calibrate --db m.db --model DIR --text eval.txt -o calibration.json
+    python -m strategy show plan.yaml
+    python -m strategy diff a.yaml b.yaml
+    python -m strategy export plan.yaml --tensor-type-file types.txt [--model DIR]
+
+User errors print one line and exit with status 2; a plan that loses the end-to-end check against the
+stock-like mix of the same size exits with status 3 (the plan is written, marked as losing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from strategy.plan import PlanError, load_plan, save_plan, tensor_type_file_lines
+from strategy.problem import StrategyError
+from strategy.sizes import SizeError, format_size, parse_size
+
+
+def _err(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, help="measurement db (measure.db) or a JSON/JSONL dump of Measurement rows")
+    p.add_argument("--model", help="HF model dir: tensor list incl. F32 tensors, for exact file sizes")
+    p.add_argument("--metas", help="JSON list of tensors (name, shape, quantizable, fixed_type) instead of --model")
+    p.add_argument("--base-gguf", help="any GGUF of this model: exact metadata (kv) bytes")
+    p.add_argument("--metadata-bytes", type=int, help="kv-section bytes, when known")
+
+
+def _constraints(a: argparse.Namespace):
+    from strategy.constraints import Constraints, parse_type_map
+
+    d: dict = {}
+    if getattr(a, "constraints", None):
+        import yaml
+
+        try:
+            d = yaml.safe_load(Path(a.constraints).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise StrategyError(f"{a.constraints}: cannot read constraints ({e})") from None
+    c = Constraints.from_dict(d, source=getattr(a, "constraints", None) or "<cli>")
+    c.floors.update(parse_type_map(a.floor or [], "floor"))
+    c.ceilings.update(parse_type_map(a.ceiling or [], "ceiling"))
+    c.pins.update(parse_type_map(a.pin or [], "pin"))
+    c.no_imatrix.update(a.no_imatrix or [])
+    if not (c.floors or c.ceilings or c.pins or c.no_imatrix or c.allowed_types):
+        return None
+    return c
+
+
+def _default_calibration(db: str) -> Path:
+    return Path(db).with_name("calibration.json")
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from strategy.build import build, load_measurements, load_metas, metadata_bytes_for
+
+    t0 = time.perf_counter()
+    meas = load_measurements(a.db)
+    metas = load_metas(a.model, a.metas)
+    kv = metadata_bytes_for(a.model, a.base_gguf, a.metadata_bytes)
+    cal = None
+    cal_path = Path(a.calibration) if a.calibration else _default_calibration(a.db)
+    if a.calibration or (cal_path.exists() and not a.uncalibrated):
+        from strategy.calibrate import Calibration
+
+        cal = Calibration.load(cal_path)
+        print(f"calibration: {cal_path} (held-out Spearman {cal.report.get('spearman_heldout', float('nan')):.3f})")
+    method = a.method or ("knee" if a.knee else "budget")
+    if a.knee and method != "knee":
+        return _err("--knee builds a knee plan; drop --method or use --method knee")
+    if method != "knee" and a.target_size is None and a.target_bpw is None and method != "stock":
+        return _err(f"--method {method} needs --target-size (e.g. 2.5GiB) or --target-bpw (e.g. 4.5)")
+    target_size = parse_size(a.target_size) if a.target_size is not None else None
+    model = {"name": Path(a.model).name} if a.model else {}
+    res = build(meas, metas, method=method, target_size=target_size, target_bpw=a.target_bpw,
+                knee_tolerance=a.knee_tolerance, calibration=cal, constraints=_constraints(a),
+                metadata_bytes=kv, model=model, stock_mix=a.stock_mix, log=print)
+    dt = time.perf_counter() - t0
+    for m in res.messages:
+        print(f"note: {m}")
+    tgt = res.plan.target
+    print(f"{method}: {len(res.plan.tensors)} tensors, {res.size} bytes ({format_size(res.size)}), "
+          f"{tgt['bpw']} bpw, predicted loss {tgt['predicted_loss']}"
+          + (f" (target {tgt['bytes']} bytes, {100 * res.size / tgt['bytes']:.3f}% used)" if "bytes" in tgt else "")
+          + f" in {dt:.2f} s")
+    code = 0
+    if method != "stock" and metas is not None:
+        code = _stock_check(a, res, meas, metas, kv, cal)
+    save_plan(res.plan, a.output)
+    print(f"wrote {a.output}")
+    return code
+
+
+def _stock_check(a, res, meas, metas, kv, cal) -> int:
+    """Compare with the stock-like mix closest in size: predicted always, end to end when verify can probe."""
+    from strategy.build import build, stock_choice
+
+    c = res.cands
+    try:
+        ch, mix = stock_choice(c, metas, budget=res.size + max(1, res.size // 50))
+    except StrategyError as e:
+        print(f"stock check: skipped ({e})")
+        return 0
+    stock_size = c.size_of(ch)
+    print(f"stock check: closest stock-like mix {mix} is {stock_size} bytes; predicted loss "
+          f"{c.loss_of(ch):.6g} (stock) vs {res.predicted_loss:.6g} (this plan at {res.size} bytes)")
+    engine = _probe_engine(a)
+    if engine is None:
+        print("stock check: no verify engine available (pass --check-text with verify.probe installed); "
+              "the plan is NOT checked end to end against stock")
+        return 0
+    same = build(meas, metas, method=res.plan.method if res.plan.method in ("budget", "ashq1") else "budget",
+                 target_size=stock_size, calibration=cal, metadata_bytes=kv)
+    k_plan = float(engine(same.cands.types_of(same.choice)))
+    k_stock = float(engine(c.types_of(ch)))
+    winner = "plan" if k_plan <= k_stock else "stock"
+    res.plan.target["check"] = {"stock_mix": mix, "size": stock_size, "kld_plan_at_stock_size": k_plan,
+                                "kld_stock": k_stock, "winner": winner}
+    print(f"stock check ({a.check_chunks} chunks): mean KLD at {stock_size} bytes: plan {k_plan:.5f} vs "
+          f"{mix} {k_stock:.5f} -> {'this plan wins' if winner == 'plan' else 'STOCK WINS'}")
+    if winner != "plan":
+        res.plan.target["loses_to_stock"] = True
+        print(f"warning: this plan loses to the stock {mix} mix of the same size; use --method stock "
+              f"--stock-mix {mix}, calibrate (`python -m strategy calibrate`), or inspect the plan", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _probe_engine(a):
+    """A `probe(assignments) -> mean KLD` from verify.probe when installed and a check text is given."""
+    if not getattr(a, "check_text", None) or not a.model:
+        return None
+    try:
+        from verify.probe import ProbeSession  # the verify engineer's engine
+    except ImportError:
+        return None
+    session = ProbeSession(a.model, a.check_text, n_chunks=a.check_chunks)
+    return session.kld if hasattr(session, "kld") else session
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from strategy.build import load_measurements, load_metas, metadata_bytes_for
+    from strategy.calibrate import fit
+    from strategy.problem import build_candidates
+
+    meas = load_measurements(a.db)
+    metas = load_metas(a.model, a.metas)
+    c = build_candidates(meas, metas, metadata_bytes=metadata_bytes_for(a.model, a.base_gguf, a.metadata_bytes))
+    a.check_text = a.text
+    a.check_chunks = a.chunks
+    probe = _probe_engine(a)
+    if probe is None:
+        return _err("calibrate needs verify.probe and --model/--text to measure end-to-end KLD; "
+                    "install the verify package or pass the model directory and an evaluation text")
+    cal = fit(c, probe, n_random=a.random_probes, log=print)
+    out = Path(a.output) if a.output else _default_calibration(a.db)
+    cal.save(out)
+    r = cal.report
+    print(f"wrote {out}: {r['n_fit']} fit probes, {r['n_heldout']} held out; Spearman(predicted, measured) "
+          f"{r['spearman_heldout']:.3f} calibrated vs {r['spearman_heldout_uncalibrated']:.3f} uncalibrated")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from strategy.build import summarize
+
+    plan = load_plan(a.plan)
+    for line in summarize(plan):
+        print(line)
+    return 0
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    from strategy.build import diff_plans
+
+    for line in diff_plans(load_plan(a.a), load_plan(a.b)):
+        print(line)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    plan = load_plan(a.plan)
+    if a.model:
+        from strategy.build import load_metas
+
+        names = [m.name for m in load_metas(a.model) if m.quantizable]
+    else:
+        names = list(plan.tensors)
+    out = Path(a.tensor_type_file)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(tensor_type_file_lines(plan, names)) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out}: {len(names)} lines")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m strategy", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="build a plan from measurements")
+    _add_inputs(b)
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--target-size", help="file size budget, e.g. 2.5GiB, 900MiB, 1.2GB")
+    g.add_argument("--target-bpw", type=float, help="average bits per weight over all tensors")
+    g.add_argument("--knee", action="store_true", help="no budget: each tensor at its error-curve knee")
+    b.add_argument("--method", choices=["budget", "knee", "ashq1", "stock"])
+    b.add_argument("--stock-mix", help="for --method stock: Q4_K_M, Q3_K_M, ... (default: largest that fits)")
+    b.add_argument("--knee-tolerance", type=float, default=2.0)
+    b.add_argument("--calibration", help="calibration JSON (default: calibration.json next to --db, if present)")
+    b.add_argument("--uncalibrated", action="store_true", help="ignore calibration.json next to the db")
+    b.add_argument("--constraints", help="YAML with floors, ceilings, pins, no_imatrix, allowed_types")
+    b.add_argument("--floor", action="append", metavar="CLASS=TYPE")
+    b.add_argument("--ceiling", action="append", metavar="CLASS=TYPE")
+    b.add_argument("--pin", action="append", metavar="TENSOR=TYPE")
+    b.add_argument("--no-imatrix", action="append", metavar="TENSOR", help="tensor without imatrix coverage")
+    b.add_argument("--check-text", help="evaluation text for the end-to-end check against stock")
+    b.add_argument("--check-chunks", type=int, default=4)
+    b.add_argument("-o", "--output", required=True)
+    b.set_defaults(fn=cmd_build)
+
+    c = sub.add_parser("calibrate", help="fit proxy -> KLD scales from end-to-end probes")
+    _add_inputs(c)
+    c.add_argument("--text", required=False, help="evaluation text for the probes")
+    c.add_argument("--chunks", type=int, default=4)
+    c.add_argument("--random-probes", type=int, default=8)
+    c.add_argument("-o", "--output")
+    c.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("show", help="summary of a plan: size, bpw, histogram by class and layer")
+    s.add_argument("plan")
+    s.set_defaults(fn=cmd_show)
+
+    d = sub.add_parser("diff", help="tensors whose type differs between two plans")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.set_defaults(fn=cmd_diff)
+
+    e = sub.add_parser("export", help="llama-quantize --tensor-type-file from a plan")
+    e.add_argument("plan")
+    e.add_argument("--tensor-type-file", required=True)
+    e.add_argument("--model", help="model dir: one line per quantizable tensor (default: the plan's tensors)")
+    e.set_defaults(fn=cmd_export)
+
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (StrategyError, PlanError, SizeError, ValueError, OSError) as e:
+        return _err(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,6 +43,9 @@ _OWN: dict[GGMLQuantizationType, str] = {
     T.Q5_0: "quants.q5_0:quantize_q5_0",
     T.Q5_1: "quants.q5_1:quantize_q5_1",
 }
+# Without importance, gguf-py's quantizer is ggml's *_ref path byte for byte. (Not Q4_1/Q5_1: gguf-py writes a
+# zero minimum as +0.0 where ggml keeps the sign of the block's first zero, so ours handle those.)
+_GGUF_REF_EXACT = (T.Q4_0, T.Q5_0)
 # Quantized by gguf-py; ggml ignores the importance vector for these too.
 _GGUF_NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0)
 
@@ -126,7 +129,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np
     qtype = parse_type(qtype)
     rows, imp = _check_inputs(data, qtype, importance, name)
     if qtype in _OWN:
-        if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1) and imp is None:
+        if qtype in _GGUF_REF_EXACT and imp is None:
             return _gguf_quants().quantize(rows, qtype)  # ggml's *_ref path, which gguf-py implements
         shape = rows.shape
         flat = rows.reshape(-1, shape[-1])
@@ -158,7 +161,7 @@ def register(gguf_module: ModuleType | None = None) -> None:
         cls = gq._type_traits.get(qtype)
         if cls is None or getattr(cls, "_gguf_strategy_registered", False):
             continue
-        if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        if qtype in _GGUF_REF_EXACT:
             continue  # gguf-py's own quantize_blocks already is ggml's reference path
 
         def quantize_blocks(_cls, blocks: np.ndarray, _qtype=qtype) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""The public quants API: parity of `quants.quantize` with libggml for every writable type, input errors,
+and registration into gguf's registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import quants
+
+QUANTIZED = [t for t in quants.WRITABLE_TYPES if t not in (T.F32, T.F16, T.BF16)]
+
+
+def _data(kind: str, rows: int = 16, cols: int = 512) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if kind == "gaussian":
+        return rng.standard_normal((rows, cols)).astype(np.float32) * 0.02
+    if kind == "sparse-signed-zeros":  # non-negative blocks whose min is a zero of either sign
+        x = np.abs(rng.standard_normal((rows, cols)).astype(np.float32))
+        x[rng.random((rows, cols)) < 0.6] = 0.0
+        x[rng.random((rows, cols)) < 0.2] = -0.0
+        return x
+    raise ValueError(kind)
+
+
+def _importance(cols: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    imp = rng.gamma(0.7, 1.0, cols).astype(np.float32)
+    imp[::37] = 0.0
+    return imp
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("with_importance", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("kind", ["gaussian", "sparse-signed-zeros"])
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+def test_public_quantize_matches_ggml(reference, qtype, kind, with_importance):
+    from llamacpp.ggml import ggml_quantize
+
+    x = _data(kind)
+    imp = _importance(x.shape[1]) if with_importance else None
+    ours = quants.quantize(x, qtype, imp)
+    theirs = ggml_quantize(x, int(qtype), imp)
+    bs, ts = quants.block_size(qtype), quants.row_bytes(qtype, quants.block_size(qtype))
+    differ = (ours.reshape(-1, ts) != theirs.reshape(-1, ts)).any(axis=1)
+    assert not differ.any(), f"{qtype.name}: {int(differ.sum())}/{differ.size} blocks differ from ggml (block {bs})"
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_types_match_ggml(reference, qtype):
+    from llamacpp.ggml import ggml_quantize
+
+    x = _data("gaussian")
+    x[0, :4] = [65504.0 * 2, -1e-8, 3.0e38, 1e-45]  # overflow, subnormal, bf16 rounding edge
+    ours = np.ascontiguousarray(quants.quantize(x, qtype)).view(np.uint8).reshape(x.shape[0], -1)
+    assert (ours == ggml_quantize(x, int(qtype))).all()
+
+
+def test_parse_type_is_case_insensitive_and_names_valid_types():
+    assert quants.parse_type("q4_k") is T.Q4_K
+    assert quants.parse_type("IQ4_xs") is T.IQ4_XS
+    with pytest.raises(quants.QuantInputError, match="valid types: .*Q4_K"):
+        quants.parse_type("q4_k_m")
+
+
+def test_bad_input_errors_name_the_tensor():
+    x = np.ones((2, 256), dtype=np.float32)
+    x[1, 3] = np.nan
+    with pytest.raises(quants.QuantInputError, match="'blk.0.attn_q.weight'.*NaN"):
+        quants.quantize(x, "q4_k", name="blk.0.attn_q.weight")
+    with pytest.raises(quants.QuantInputError, match="row length 320 is not a multiple of the Q4_K block size 256"):
+        quants.quantize(np.ones((2, 320), np.float32), "q4_k")
+    with pytest.raises(quants.QuantInputError, match="importance vector has 10 entries"):
+        quants.quantize(np.ones((2, 256), np.float32), "q4_k", np.ones(10, np.float32))
+    with pytest.raises(quants.QuantInputError, match="negative, NaN or Inf"):
+        quants.quantize(np.ones((2, 256), np.float32), "q4_k", -np.ones(256, np.float32))
+
+
+def test_registration_makes_gguf_quantize_k_quants():
+    import gguf
+
+    x = _data("gaussian", rows=3, cols=512)
+    for qtype in (T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q2_K):
+        assert np.array_equal(gguf.quants.quantize(x, qtype), quants.quantize(x, qtype))

@@ -9,7 +9,8 @@ Method, per tensor:
 1. Order the candidate types by bits per weight and drop dominated ones (more bits, not less error).
 2. Normalise the curve to the unit square: x = (bpw - bpw_min) / (bpw_max - bpw_min),
    y = (err - err_min) / (err_max - err_min). The knee is the point farthest below the chord from the first
-   point to the last (Kneedle): there the curve bends most, from steep to flat.
+   point to the last (Kneedle): there the curve bends most, from steep to flat. (A concave curve, flat and
+   then a late drop, bends most where the drop starts; we then take the type just above that point.)
 3. Importance-dependent threshold: the knee fixes the *minimum*. A tensor whose predicted loss at the knee
    (importance-weighted error x params x calibration scale) is above `tolerance` x the median of all tensors'
    knee losses keeps moving up until its loss drops below that threshold (or the types run out). Important
@@ -46,7 +47,11 @@ def knee_index(bpw: np.ndarray, err: np.ndarray) -> int:
     # log-free normalisation: the chord is from (0, 1) to (1, 0)
     y = (err - err[-1]) / max(err[0] - err[-1], 1e-300)
     dist = (1.0 - x) - y
-    return int(np.argmax(dist))
+    if dist.max() > 1e-12:
+        return int(np.argmax(dist))
+    # concave curve (the error only drops late): it bends most at the point farthest above the chord, where
+    # the drop starts; the type just above that point is the one that gets the drop
+    return min(int(np.argmax(-dist)) + 1, n - 1)
 
 
 def pareto_order(bpw: np.ndarray, err: np.ndarray) -> np.ndarray:

@@ -1,0 +1,431 @@
+"""convert_hf_to_gguf_strategy.py: one pass, byte-identical to upstream F32 conversion + reference llama-quantize.
+
+The parity recipe (the two-step path users run today, with the very same plan):
+  upstream convert_hf_to_gguf.py --outtype f32  ->  ref-f32.gguf
+  our --export-tensor-type-file                 ->  types.txt
+  llama-quantize --tensor-type-file types.txt [--imatrix I] ref-f32.gguf ref.gguf Q8_0
+and our one-pass `--strategy plan.yaml [--imatrix I]` must give, tensor by tensor, the same type and bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "convert_hf_to_gguf_strategy.py"
+
+import convert_hf_to_gguf_strategy as cs  # noqa: E402
+
+# every type the converter may be asked for; the ones whose quantizer module is not there yet are reported
+WANTED_TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL", "Q4_0", "Q5_0", "Q4_1", "Q5_1",
+                "Q8_0", "F16", "BF16"]
+
+
+def available_types() -> list[str]:
+    import quants
+
+    out = []
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    for t in WANTED_TYPES:
+        try:
+            quants.quantize(x, t, np.ones(256, np.float32))
+        except (ImportError, AttributeError):
+            continue
+        out.append(t)
+    return out
+
+
+def mixed_plan(infos, types: list[str]) -> dict:
+    """Explicit entries cycling through `types` over the quantizable tensors, plus a rule and a default."""
+    names = [i.name for i in infos if i.quantizable]
+    tensors = {n: types[k % len(types)] for k, n in enumerate(names[1:])}
+    return {"format": "gguf-strategy/1", "default_type": "Q8_0",
+            "rules": [{"pattern": "attn_v", "type": types[-1]}], "tensors": tensors}
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"converter failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def upstream_f32(model: Path, out: Path) -> Path:
+    from llamacpp.upstream import find_sources
+
+    subprocess.run([sys.executable, str(find_sources() / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
+                    "--outfile", str(out)], check=True, capture_output=True)
+    return out
+
+
+def reference_quantize(reference, f32: Path, types_file: Path, out: Path, imatrix: Path | None = None) -> Path:
+    cmd = [str(reference.tool("llama-quantize")), "--tensor-type-file", str(types_file)]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(f32), str(out), "Q8_0"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    from catalog.hook import activate
+
+    activate()
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors}
+
+
+def read_kv(path: Path) -> dict[str, object]:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    out = {}
+    for name, f in r.fields.items():
+        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            out[name] = bytes(f.parts[f.data[0]]).decode()
+        elif f.types and f.types[0] != gguf.GGUFValueType.ARRAY:
+            out[name] = f.parts[f.data[0]][0].item()
+    return out
+
+
+def compare(ours: Path, ref: Path) -> list[str]:
+    """Differences, tensor by tensor, each with why (type or bytes, and how many blocks differ)."""
+    a, b = read_tensors(ours), read_tensors(ref)
+    diffs = []
+    if a.keys() != b.keys():
+        diffs.append(f"tensor sets differ: only ours {sorted(a.keys() - b.keys())}, only ref {sorted(b.keys() - a.keys())}")
+    for name in sorted(a.keys() & b.keys()):
+        (ta, da), (tb, db) = a[name], b[name]
+        if ta != tb:
+            diffs.append(f"{name}: type {ta} vs reference {tb}")
+        elif da != db:
+            n_bad = int(np.count_nonzero(np.frombuffer(da, np.uint8) != np.frombuffer(db, np.uint8)))
+            diffs.append(f"{name} ({ta}): {n_bad} of {len(da)} bytes differ")
+    return diffs
+
+
+def two_step_parity(tiny_or_dir: Path, tmp: Path, reference, plan: dict, imatrix: Path | None = None,
+                    extra: tuple[str, ...] = ()) -> tuple[Path, list[str]]:
+    plan_file = tmp / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    im = ("--imatrix", str(imatrix)) if imatrix else ()
+    run_cli(tiny_or_dir, "--strategy", plan_file, "--export-tensor-type-file", tmp / "types.txt", *extra)
+    ref = reference_quantize(reference, upstream_f32(tiny_or_dir, tmp / "ref-f32.gguf"), tmp / "types.txt",
+                             tmp / "ref.gguf", imatrix)
+    ours = tmp / "ours.gguf"
+    run_cli(tiny_or_dir, "--strategy", plan_file, *im, "--outfile", ours, *extra)
+    return ours, compare(ours, ref)
+
+
+def perplexity_runs(reference, model: Path, evaluation_text: Path) -> None:
+    p = subprocess.run([str(reference.tool("llama-perplexity")), "-m", str(model), "-f", str(evaluation_text),
+                        "-c", "128", "--chunks", "3", "-t", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    # llama.cpp logs from a worker thread and may drop the last lines when piped; the per-chunk values suffice
+    ppl = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+|nan|inf)", p.stdout + p.stderr)]
+    assert ppl and all(np.isfinite(ppl)), (p.stdout + p.stderr)[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ parity
+@pytest.mark.reference
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "gemma"])
+def test_mixed_strategy_matches_llama_quantize(tiny_model, tmp_path, reference, evaluation_text, arch):
+    import catalog
+
+    model = tiny_model(arch)
+    types = available_types()
+    assert {"Q8_0", "F16", "Q4_K"} <= set(types)
+    plan = mixed_plan(catalog.list_tensors(model), types)
+    ours, diffs = two_step_parity(model, tmp_path, reference, plan)
+    assert diffs == [], "\n".join(diffs)
+    perplexity_runs(reference, ours, evaluation_text)
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_fallbacks_match_llama_quantize(tiny_model, tmp_path, reference, evaluation_text):
+    """Rows of 320: K-quants and IQ4_XS fall back exactly as llama-quantize's tensor_type_fallback."""
+    import catalog
+
+    model = tiny_model("llama", hidden_size=320)
+    types = [t for t in available_types() if t in ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS")]
+    infos = catalog.list_tensors(model)
+    plan = {"format": "gguf-strategy/1", "default_type": types[0],
+            "tensors": {i.name: types[k % len(types)] for k, i in enumerate(infos) if i.quantizable}}
+    ours, diffs = two_step_parity(model, tmp_path, reference, plan)
+    assert diffs == [], "\n".join(diffs)
+    written = read_tensors(ours)
+    assert written["blk.0.attn_q.weight"][0] != plan["tensors"]["blk.0.attn_q.weight"]  # it did fall back
+    perplexity_runs(reference, ours, evaluation_text)
+
+
+@pytest.fixture(scope="session")
+def tiny_imatrix(tiny_model, tmp_path_factory, reference, calibration_text):
+    """A real imatrix from the reference llama-imatrix on the tiny llama (GGUF format)."""
+    tmp = tmp_path_factory.mktemp("imatrix")
+    model = tiny_model("llama")
+    f32 = upstream_f32(model, tmp / "f32.gguf")
+    out = tmp / "imatrix.gguf"
+    p = subprocess.run([str(reference.tool("llama-imatrix")), "-m", str(f32), "-f", str(calibration_text),
+                        "-c", "128", "--chunks", "4", "-o", str(out), "-t", "2"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return model, out
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_imatrix_strategy_matches_llama_quantize(tiny_imatrix, tmp_path, reference, evaluation_text):
+    pytest.importorskip("measure.imatrix")
+    import catalog
+
+    model, imatrix = tiny_imatrix
+    types = available_types()
+    plan = mixed_plan(catalog.list_tensors(model), types)
+    ours, diffs = two_step_parity(model, tmp_path, reference, plan, imatrix=imatrix)
+    assert diffs == [], "\n".join(diffs)
+    kv = read_kv(ours)
+    assert kv["quantize.imatrix.file"] == str(imatrix)
+    assert kv["quantize.imatrix.entries_count"] > 0
+    assert kv["quantize.imatrix.chunks_count"] == 4
+    perplexity_runs(reference, ours, evaluation_text)
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_smollm2_matches_llama_quantize(tmp_path, reference, evaluation_text):
+    d = os.environ.get("SMOLLM2_DIR")
+    if not d or not Path(d, "config.json").is_file():
+        pytest.skip("set SMOLLM2_DIR to a SmolLM2 checkpoint (../shared/tools/make_real_model.py --smollm2)")
+    import catalog
+
+    types = available_types()
+    plan = mixed_plan(catalog.list_tensors(d), types)
+    ours, diffs = two_step_parity(Path(d), tmp_path, reference, plan)
+    assert diffs == [], "\n".join(diffs)
+    perplexity_runs(reference, ours, evaluation_text)
+
+
+# ------------------------------------------------------------------------------------------------ behaviour
+def test_uniform_outtype_and_metadata(tiny_model, tmp_path):
+    import gguf
+
+    model = tiny_model("llama")
+    out = tmp_path / "q.gguf"
+    assert cs.main([str(model), "--outtype", "q4_k", "--outfile", str(out)]) == 0
+    t = read_tensors(out)
+    assert t["blk.0.attn_q.weight"][0] == "Q4_K" and t["blk.0.attn_norm.weight"][0] == "F32"
+    kv = read_kv(out)
+    assert kv["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert kv[cs.STRATEGY_DIGEST_KEY] == cs.TypePolicy(uniform="Q4_K").effective_plan().digest()
+
+
+def test_upstream_f16_unchanged(tiny_model, tmp_path):
+    """Without new options the output equals upstream's own --outtype f16 conversion, tensor for tensor."""
+    from llamacpp.upstream import find_sources
+
+    model = tiny_model("qwen2")
+    ours = tmp_path / "ours.gguf"
+    assert cs.main([str(model), "--outtype", "f16", "--outfile", str(ours)]) == 0
+    ref = tmp_path / "ref.gguf"
+    subprocess.run([sys.executable, str(find_sources() / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
+                    "--outfile", str(ref)], check=True, capture_output=True)
+    assert compare(ours, ref) == []
+    assert read_kv(ours)["general.file_type"] == read_kv(ref)["general.file_type"]
+
+
+def test_strategy_digest_and_default_type(tiny_model, tmp_path):
+    from strategy.plan import load_plan
+
+    model = tiny_model("llama")
+    plan = tmp_path / "p.yaml"
+    plan.write_text("format: gguf-strategy/1\ndefault_type: Q8_0\ntensors: {blk.0.attn_k.weight: Q5_1}\n")
+    out = tmp_path / "o.gguf"
+    assert cs.main([str(model), "--strategy", str(plan), "--default-type", "q4_1", "--outfile", str(out)]) == 0
+    t = read_tensors(out)
+    assert t["blk.0.attn_k.weight"][0] == "Q5_1" and t["blk.1.attn_k.weight"][0] == "Q4_1"
+    eff = cs.TypePolicy(plan=load_plan(plan), default_type="Q4_1").effective_plan()
+    assert read_kv(out)[cs.STRATEGY_DIGEST_KEY] == eff.digest()
+
+
+def test_default_output_name_uses_main_type(tiny_model, tmp_path):
+    model_copy = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), model_copy)
+    assert cs.main([str(model_copy), "--outtype", "Q5_K"]) == 0
+    produced = [p.name for p in model_copy.glob("*.gguf")]
+    assert len(produced) == 1 and "Q5_K_M" in produced[0], produced
+
+
+def test_failure_mid_write_leaves_no_file(tiny_model, tmp_path, monkeypatch):
+    """Disk full (ENOSPC while writing): exit 1, one line, nothing at the destination, temp dir gone."""
+    model = tiny_model("llama")
+    out = tmp_path / "full.gguf"
+    calls = {"n": 0}
+    real = cs._quantize_now
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        return real(*a, **k)
+
+    monkeypatch.setattr(cs, "_quantize_now", flaky)
+    assert cs.main([str(model), "--outtype", "q8_0", "--outfile", str(out)]) == 1
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_leaves_no_file(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    out = tmp_path / "int.gguf"
+    calls = {"n": 0}
+    real = cs._quantize_now
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cs, "_quantize_now", interrupted)
+    assert cs.main([str(model), "--outtype", "q4_k", "--outfile", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_leaves_no_file(tiny_model, tmp_path):
+    """A real kill (SIGTERM) of the running CLI while it writes."""
+    import signal
+    import time
+
+    model = tiny_model("llama", num_hidden_layers=6, intermediate_size=2048)
+    out = tmp_path / "killed.gguf"
+    p = subprocess.Popen([sys.executable, str(SCRIPT), str(model), "--outtype", "q4_k", "--outfile", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    writing = False
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        partial = [f for d in tmp_path.glob(".killed.gguf.partial-*") for f in d.iterdir()]
+        if partial and partial[0].stat().st_size > 0:
+            writing = True
+            break
+        time.sleep(0.02)
+    assert writing, "the converter finished before it could be killed; make the model bigger"
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    assert p.returncode != 0
+    assert not out.exists()
+    assert [x for x in tmp_path.iterdir()] == []
+
+
+def test_export_tensor_type_file(tiny_model, tmp_path):
+    from strategy.plan import load_plan
+
+    model = tiny_model("mixtral")
+    plan = tmp_path / "p.yaml"
+    plan.write_text("format: gguf-strategy/1\ndefault_type: Q6_K\nrules: [{pattern: exps, type: Q4_K}]\n")
+    out = tmp_path / "types.txt"
+    assert cs.main([str(model), "--strategy", str(plan), "--export-tensor-type-file", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert r"^blk\.0\.ffn_down_exps\.weight$=q4_k" in lines
+    assert r"^blk\.0\.attn_q\.weight$=q6_k" in lines
+    assert not any("norm" in ln or "ffn_gate_inp" in ln for ln in lines)  # never quantized: not exported
+    assert len(lines) == 2 + 2 * 7  # token_embd, output + 7 quantizable per layer (q, k, v, o, 3 x exps)
+    assert load_plan(plan).type_for("blk.1.ffn_up_exps.weight") == "Q4_K"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    last = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1]
+    assert last.startswith("error: "), p.stderr
+    return last
+
+
+def test_error_not_a_model_dir(tmp_path):
+    line = one_line_error(run_cli(tmp_path, "--outtype", "q4_k", check=False))
+    assert "not a model directory" in line and str(tmp_path) in line
+
+
+def test_error_unsupported_architecture(tiny_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), d)
+    cfg = (d / "config.json").read_text().replace("LlamaForCausalLM", "FrobnicatorForCausalLM")
+    (d / "config.json").write_text(cfg)
+    line = one_line_error(run_cli(d, check=False))
+    assert "FrobnicatorForCausalLM" in line and "not supported" in line
+
+
+def test_error_truncated_safetensors(tiny_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), d)
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    line = one_line_error(run_cli(d, "--outtype", "q8_0", check=False))
+    assert "truncated" in line and "model.safetensors" in line
+
+
+def test_error_corrupt_safetensors_header(tiny_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), d)
+    st = d / "model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[8:16] = b"\x00garbage"
+    st.write_bytes(bytes(data))
+    line = one_line_error(run_cli(d, check=False))
+    assert "corrupt" in line and "model.safetensors" in line
+
+
+def test_error_strategy_names_missing_tensor(tiny_model, tmp_path):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("format: gguf-strategy/1\ntensors: {blk.9.attn_q.weight: Q4_K, blk.0.attn_qq.weight: Q4_K}\n")
+    line = one_line_error(run_cli(tiny_model("llama"), "--strategy", plan, "--outfile", tmp_path / "o.gguf",
+                                  check=False))
+    assert "blk.9.attn_q.weight" in line and "did you mean" in line and str(plan) in line
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("opt", [("--outtype", "q9_k"), ("--default-type", "iq1_zz")])
+def test_error_unknown_type_option(tiny_model, opt):
+    line = one_line_error(run_cli(tiny_model("llama"), *opt, check=False))
+    assert opt[1] in line and "valid types" in line
+
+
+def test_error_unknown_type_in_strategy(tiny_model, tmp_path):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("format: gguf-strategy/1\ndefault_type: Q4_K\ntensors: {blk.0.attn_q.weight: Q7_K}\n")
+    line = one_line_error(run_cli(tiny_model("llama"), "--strategy", plan, check=False))
+    assert "Q7_K" in line
+
+
+def test_error_imatrix_for_another_model(tiny_imatrix, tiny_model, tmp_path):
+    pytest.importorskip("measure.imatrix")
+    _, imatrix = tiny_imatrix
+    other = tiny_model("llama", num_hidden_layers=1, hidden_size=128, intermediate_size=256)
+    # 1 layer, 128 wide: blk.1.* missing and blk.0.* of the wrong size
+    line = one_line_error(run_cli(other, "--outtype", "q4_k", "--imatrix", imatrix, "--outfile",
+                                  tmp_path / "o.gguf", check=False))
+    assert "another model" in line
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_error_imatrix_truncated(tiny_imatrix, tmp_path):
+    pytest.importorskip("measure.imatrix")
+    model, imatrix = tiny_imatrix
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(imatrix.read_bytes()[: imatrix.stat().st_size // 2])
+    line = one_line_error(run_cli(model, "--outtype", "q4_k", "--imatrix", bad, check=False))
+    assert "cut.gguf" in line

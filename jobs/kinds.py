@@ -1,0 +1,182 @@
+"""Job kinds: how each pipeline stage is run as a subprocess, and how its output lines become progress.
+
+Each stage keeps its own CLI; a kind is only (params -> argv) plus a progress parser, so stages stay decoupled
+and a killed worker loses nothing a stage has already saved (measurement resumes from its own db, a download
+from its partial files). Paths in params are relative to the workspace (absolute paths are used as given).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_PROGRESS = re.compile(r"^PROGRESS\s+([0-9.]+)\s*(.*)$")
+_FRACTION = re.compile(r"(?:^|[\s\[(])(\d+)\s*/\s*(\d+)(?=[\s\])\]:,]|$)")
+_PERCENT = re.compile(r"(?:^|\s)(\d{1,3}(?:\.\d+)?)\s*%")
+
+
+class ParamError(ValueError):
+    """Job parameters that cannot make a command (missing model, unknown option); shown to the user as is."""
+
+
+def parse_progress(line: str) -> tuple[float | None, str | None]:
+    """(fraction, message) from one output line, or (None, None) when it carries no progress.
+
+    Understands `PROGRESS 0.42 message` (our stages' explicit protocol), `[12/345] ...` counters and `42%`.
+    """
+    s = line.strip()
+    if not s:
+        return None, None
+    m = _PROGRESS.match(s)
+    if m:
+        try:
+            return float(m.group(1)), m.group(2).strip() or None
+        except ValueError:
+            return None, None
+    m = _FRACTION.search(s)
+    if m:
+        done, total = int(m.group(1)), int(m.group(2))
+        if 0 < total and done <= total:
+            return done / total, s[:200]
+    m = _PERCENT.search(s)
+    if m and float(m.group(1)) <= 100:
+        return float(m.group(1)) / 100.0, s[:200]
+    return None, None
+
+
+@dataclass
+class Command:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # what the job produces, for the UI (workspace-relative)
+
+
+@dataclass
+class Kind:
+    name: str
+    build: Callable[[dict[str, Any], Path], Command]
+    resumable: bool
+    needs_token: bool = False
+    description: str = ""
+
+
+def _path(ws: Path, p: Any, what: str) -> Path:
+    if not isinstance(p, str) or not p.strip():
+        raise ParamError(f"missing parameter {what!r} (a path relative to the workspace {ws})")
+    q = Path(p)
+    return q if q.is_absolute() else ws / q
+
+
+def _rel(ws: Path, p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ws.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, "-u", *args]
+
+
+def _opt(argv: list[str], flag: str, value: Any) -> None:
+    if value is not None and value != "":
+        argv += [flag, str(value)]
+
+
+# --------------------------------------------------------------------------------------------- kinds
+def _download(p: dict[str, Any], ws: Path) -> Command:
+    repo = p.get("repo_id")
+    if not isinstance(repo, str) or not repo.strip():
+        raise ParamError("missing parameter 'repo_id' (e.g. HuggingFaceTB/SmolLM2-135M)")
+    local = p.get("local_dir") or f"models/{repo.strip().replace('/', '__')}"
+    out = _path(ws, local, "local_dir")
+    argv = _py("-m", "hub", "download", repo.strip(), "--local-dir", str(out))
+    _opt(argv, "--revision", p.get("revision"))
+    return Command(argv, outputs={"model": _rel(ws, out)})
+
+
+def _measure(p: dict[str, Any], ws: Path) -> Command:
+    model = _path(ws, p.get("model"), "model")
+    db = _path(ws, p.get("db") or f"measurements/{model.name}.sqlite", "db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py("-m", "measure", str(model), "--db", str(db))
+    if p.get("imatrix"):
+        _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
+    if p.get("types"):
+        _opt(argv, "--types", ",".join(p["types"]) if isinstance(p["types"], list) else p["types"])
+    return Command(argv, outputs={"db": _rel(ws, db)})
+
+
+def _imatrix(p: dict[str, Any], ws: Path) -> Command:
+    model = _path(ws, p.get("model"), "model")
+    out = _path(ws, p.get("output") or f"measurements/{model.name}.imatrix.gguf", "output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py("-m", "measure", "imatrix", str(model), "-o", str(out))
+    if p.get("text"):
+        _opt(argv, "--text", _path(ws, p["text"], "text"))
+    return Command(argv, outputs={"imatrix": _rel(ws, out)})
+
+
+def _strategy(p: dict[str, Any], ws: Path) -> Command:
+    db = _path(ws, p.get("db"), "db")
+    out = _path(ws, p.get("output") or f"strategies/{db.stem}.yaml", "output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py("-m", "strategy", "build", "--db", str(db), "-o", str(out))
+    if p.get("model"):
+        _opt(argv, "--model", _path(ws, p["model"], "model"))
+    if p.get("budget"):
+        _opt(argv, "--budget", p["budget"])
+    elif p.get("bpw"):
+        _opt(argv, "--bpw", p["bpw"])
+    else:
+        argv.append("--knee")
+    return Command(argv, outputs={"strategy": _rel(ws, out)})
+
+
+def _convert(p: dict[str, Any], ws: Path) -> Command:
+    model = _path(ws, p.get("model"), "model")
+    plan = _path(ws, p.get("strategy"), "strategy")
+    out = _path(ws, p.get("outfile") or f"gguf/{model.name}-{plan.stem}.gguf", "outfile")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py(str(ROOT / "convert_hf_to_gguf_strategy.py"), str(model), "--strategy", str(plan),
+               "--outfile", str(out))
+    if p.get("imatrix"):
+        _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
+    return Command(argv, outputs={"gguf": _rel(ws, out)})
+
+
+def _verify(p: dict[str, Any], ws: Path) -> Command:
+    model = _path(ws, p.get("model"), "model")
+    ggufs = p.get("gguf")
+    ggufs = [ggufs] if isinstance(ggufs, str) else list(ggufs or [])
+    if not ggufs:
+        raise ParamError("missing parameter 'gguf' (one or more GGUF files, relative to the workspace)")
+    out = _path(ws, p.get("output") or f"verify/{model.name}.json", "output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py("-m", "verify", str(model), *[str(_path(ws, g, "gguf")) for g in ggufs], "--json", str(out))
+    if p.get("text"):
+        _opt(argv, "--text", _path(ws, p["text"], "text"))
+    return Command(argv, outputs={"report": _rel(ws, out)})
+
+
+KINDS: dict[str, Kind] = {
+    "download": Kind("download", _download, resumable=True, needs_token=True,
+                     description="download a Hugging Face repo (only the files conversion needs)"),
+    "imatrix": Kind("imatrix", _imatrix, resumable=False, description="importance matrix from calibration text"),
+    "measure": Kind("measure", _measure, resumable=True, description="per-tensor error for every type"),
+    "strategy": Kind("strategy", _strategy, resumable=False, description="choose a type per tensor"),
+    "convert": Kind("convert", _convert, resumable=False, description="write the mixed-precision GGUF"),
+    "verify": Kind("verify", _verify, resumable=False, description="KLD of GGUFs against the original"),
+}
+
+
+def get_kind(name: str) -> Kind:
+    if name not in KINDS:
+        raise ParamError(f"unknown job kind {name!r}; choose from {', '.join(KINDS)}")
+    return KINDS[name]

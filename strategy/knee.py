@@ -95,3 +95,48 @@ def allocate_knee(c: Candidates, tolerance: float = 2.0) -> tuple[np.ndarray, di
         notes[c.names[i]] = {"knee": c.types[int(knee_cols[i])],
                              "raised": c.types[int(choice[i])] != c.types[int(knee_cols[i])]}
     return choice, notes
+
+
+def knee_svg(types: list[str], err: list[float], chosen: str | None = None, width: int = 560,
+             height: int = 340) -> str:
+    """An SVG plot of one tensor's normalised error curve, its chord and its knee (docs, web UI)."""
+    bpw = np.array([bits_per_weight(t) for t in types])
+    e = np.asarray(err, dtype=float)
+    k = knee_index(bpw, e)
+    x = (bpw - bpw[0]) / max(bpw[-1] - bpw[0], 1e-12)
+    y = (e - e[-1]) / max(e[0] - e[-1], 1e-300)
+    pad_l, pad_r, pad_t, pad_b = 60, 20, 20, 50
+
+    def px(xv: float) -> float:
+        return pad_l + xv * (width - pad_l - pad_r)
+
+    def py(yv: float) -> float:
+        return pad_t + (1 - yv) * (height - pad_t - pad_b)
+
+    pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x, y))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(0)}" stroke="#444"/>',
+           f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(0)}" y2="{py(1)}" stroke="#444"/>',
+           f'<line x1="{px(0)}" y1="{py(1)}" x2="{px(1)}" y2="{py(0)}" stroke="#999" stroke-dasharray="5,4"/>',
+           f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="2"/>',
+           f'<line x1="{px(x[k]):.1f}" y1="{py(y[k]):.1f}" x2="{px(x[k]):.1f}" y2="{py(1 - x[k]):.1f}" '
+           f'stroke="#d62728" stroke-width="1.5"/>']
+    for i, t in enumerate(types):
+        col = "#d62728" if i == k else "#1f77b4"
+        out.append(f'<circle cx="{px(x[i]):.1f}" cy="{py(y[i]):.1f}" r="{6 if i == k else 4}" fill="{col}"/>')
+        out.append(f'<text x="{px(x[i]):.1f}" y="{height - pad_b + 18}" text-anchor="middle">{t}</text>')
+        out.append(f'<text x="{px(x[i]):.1f}" y="{height - pad_b + 32}" text-anchor="middle" fill="#666">'
+                   f'{bpw[i]:.2f}</text>')
+    out.append(f'<text x="{px(x[k]) + 8:.1f}" y="{py(y[k]) - 8:.1f}" fill="#d62728">knee: {types[k]}</text>')
+    if chosen and chosen != types[k]:
+        j = types.index(chosen)
+        out.append(f'<circle cx="{px(x[j]):.1f}" cy="{py(y[j]):.1f}" r="8" fill="none" stroke="#2ca02c" '
+                   f'stroke-width="2"/><text x="{px(x[j]) + 10:.1f}" y="{py(y[j]) - 10:.1f}" fill="#2ca02c">'
+                   f'raised: {chosen}</text>')
+    out.append(f'<text x="{pad_l - 8}" y="{py(1) + 4:.1f}" text-anchor="end">1</text>')
+    out.append(f'<text x="{pad_l - 8}" y="{py(0) + 4:.1f}" text-anchor="end">0</text>')
+    out.append(f'<text transform="translate(16,{(height - pad_b) / 2:.0f}) rotate(-90)" text-anchor="middle">'
+               f'normalised error</text>')
+    out.append('</svg>')
+    return "\n".join(out) + "\n"

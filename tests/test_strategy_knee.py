@@ -70,3 +70,16 @@ def test_knee_respects_constraints():
     assert cons.satisfied_by(c, types) == []
     assert all(bits_per_weight(types[f"blk.{i}.ffn_down.weight"]) >= 6.5 for i in range(3))
     assert types["blk.1.attn_k.weight"] == "Q8_0"
+
+
+def test_knee_svg_matches_docs_example():
+    import xml.dom.minidom
+
+    from strategy.knee import knee_svg
+
+    svg = knee_svg(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"], [1e-2, 3.1e-3, 8e-4, 2.1e-4, 6e-5, 1e-5],
+                   chosen="Q5_K")
+    xml.dom.minidom.parseString(svg)
+    assert "knee: Q4_K" in svg and "raised: Q5_K" in svg
+    docs = Path(__file__).resolve().parent.parent / "docs" / "knee.svg"
+    assert docs.read_text() == svg  # the committed plot is what the code draws

@@ -35,7 +35,7 @@ def quantize_q3_k(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for units in chunks(xb.shape[0], QK_K):
             if importance is None:
-                out[units] = _ref_blocks(xb[units])
+                out[units] = _ref_blocks_numba(xb[units]) if USE_NUMBA else _ref_blocks(xb[units])
             else:
                 out[units] = _impl_blocks(xb[units], unit_importance(importance, QK_K, units))
     return out.reshape(n_rows, -1)
@@ -77,8 +77,13 @@ def _finish(x: np.ndarray, L: np.ndarray, ls: np.ndarray, d_store: np.ndarray) -
     nz = d != 0
     lq = np.clip(nearest_int(x / np.where(nz, d, F32(1.0))), -4, 3) + 4
     L = np.where(nz, lq, L).astype(np.uint8)
+    return _pack(L.T.reshape(nb, QK_K), ls, d_store)
 
-    Ln = L.T.reshape(nb, 8, 32)  # element j -> (j // 32, j % 32)
+
+def _pack(L: np.ndarray, ls: np.ndarray, d_store: np.ndarray) -> np.ndarray:
+    """Block bytes from levels L (nb, 256) in [0, 7], 6-bit scales ls (nb, 16) and the fp32 super-scale."""
+    nb = ls.shape[0]
+    Ln = L.reshape(nb, 8, 32)  # element j -> (j // 32, j % 32)
     out = np.empty((nb, BLOCK_BYTES), dtype=np.uint8)
     hm = np.zeros((nb, 32), dtype=np.uint8)
     for k in range(8):
@@ -92,3 +97,128 @@ def _finish(x: np.ndarray, L: np.ndarray, ls: np.ndarray, d_store: np.ndarray) -
     out[:, 104:108] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
     out[:, 108:110] = fp16_bits(d_store)
     return out
+
+
+# ---- optional numba fast path for the no-imatrix path (the numpy code above is the tested reference;
+# ---- test_quants_symmetric checks both against libggml).  Same float32 operations, per block in order.
+
+try:  # pragma: no cover - exercised when numba is installed
+    import numba as _numba
+except ImportError:  # pragma: no cover
+    _numba = None
+
+USE_NUMBA = _numba is not None
+
+
+_EPS = F32(1e-15)
+_THR = F32(4194303.0)
+_MAGIC = F32(12582912.0)
+
+if USE_NUMBA:  # pragma: no branch
+
+    @_numba.njit(cache=True)
+    def _near(v, scratch):
+        """ggml nearest_int: rint in range; outside, the float bit trick's own answer."""
+        if abs(v) <= _THR:
+            return int(np.rint(v))
+        scratch[0] = v + _MAGIC
+        return int((scratch.view(np.int32)[0] & 0x007FFFFF) - 0x00400000)
+
+    @_numba.njit(cache=True)
+    def _q3_levels(xb, L, scales, scratch):
+        """make_q3_quants(16, 4, ..., do_rmse=true) for every 16-sub-block of the super-blocks xb."""
+        nb = xb.shape[0]
+        for b in range(nb):
+            for j in range(16):
+                amax = F32(0.0)
+                mx = F32(0.0)
+                for i in range(16):
+                    v = xb[b, 16 * j + i]
+                    if abs(v) > amax:
+                        amax = abs(v)
+                        mx = v
+                if amax < _EPS:
+                    for i in range(16):
+                        L[b, 16 * j + i] = 0  # C returns before adding nmax
+                    scales[b, j] = F32(0.0)
+                    continue
+                iscale = F32(-4.0) / mx
+                sumlx = F32(0.0)
+                suml2 = F32(0.0)
+                for i in range(16):
+                    v = xb[b, 16 * j + i]
+                    li = min(3, max(-4, _near(iscale * v, scratch)))
+                    L[b, 16 * j + i] = li
+                    w = v * v
+                    fl = F32(li)
+                    sumlx += w * v * fl
+                    suml2 += w * fl * fl
+                for _ in range(5):
+                    n_changed = 0
+                    for i in range(16):
+                        v = xb[b, 16 * j + i]
+                        w = v * v
+                        fL = F32(L[b, 16 * j + i])
+                        slx = sumlx - w * v * fL
+                        if slx > 0:
+                            sl2 = suml2 - w * fL * fL
+                            nl = min(3, max(-4, _near(v * sl2 / slx, scratch)))
+                            if nl != L[b, 16 * j + i]:
+                                fn = F32(nl)
+                                slx += w * v * fn
+                                sl2 += w * fn * fn
+                                if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                                    L[b, 16 * j + i] = nl
+                                    sumlx = slx
+                                    suml2 = sl2
+                                    n_changed += 1
+                    if n_changed == 0:
+                        break
+                for i in range(16):
+                    L[b, 16 * j + i] += 4
+                scales[b, j] = sumlx / suml2 if suml2 > 0 else F32(0.0)
+
+    @_numba.njit(cache=True)
+    def _requant(xb, L, ls, dq, scratch):
+        """L = nearest_int(x/d) clamped to [-4, 3] + 4 where d = fp16(d) * (ls - 32) is non-zero."""
+        nb = xb.shape[0]
+        for b in range(nb):
+            for j in range(16):
+                d = dq[b] * F32(ls[b, j] - 32)
+                if d == 0:
+                    continue
+                for i in range(16):
+                    L[b, 16 * j + i] = min(3, max(-4, _near(xb[b, 16 * j + i] / d, scratch))) + 4
+
+
+
+def _ref_blocks_numba(xb: np.ndarray) -> np.ndarray:
+    """_ref_blocks with the per-element loops compiled (identical bytes)."""
+    nb = xb.shape[0]
+    scratch = np.zeros(1, dtype=F32)
+    L = np.empty((nb, QK_K), dtype=np.int8)
+    scales = np.empty((nb, 16), dtype=F32)
+    _q3_levels(xb, L, scales, scratch)
+    _, max_scale = first_absmax(scales.T)
+    nz = max_scale != 0
+    iscale = F32(-32.0) / np.where(nz, max_scale, F32(1.0))
+    li = nearest_int(iscale[:, None] * scales)
+    li = ((li + 128) & 255) - 128
+    ls = np.where(nz[:, None], np.clip(li, -32, 31) + 32, 0).astype(np.int32)
+    d_store = np.where(nz, F32(1.0) / iscale, F32(0.0))
+    _requant(xb, L, ls, fp16_round(d_store), scratch)
+    return _pack(L.view(np.uint8), ls, d_store)
+
+
+def _warm_up() -> bool:
+    """Compile (or load from numba's cache) now, at import, not inside the first timed call; on any
+    numba failure fall back to numpy."""
+    try:
+        demo = np.linspace(-1.0, 1.0, 2 * QK_K, dtype=F32).reshape(2, QK_K)
+        return bool((_ref_blocks_numba(demo) == _ref_blocks(demo)).all())
+    except Exception:  # pragma: no cover - a broken numba install must not break quantization
+        return False
+
+
+if USE_NUMBA:
+    USE_NUMBA = _warm_up()

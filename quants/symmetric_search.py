@@ -23,7 +23,7 @@ _MAGIC = F32(12582912.0)  # 1.5 * 2**23: after adding it, the low mantissa bits 
 
 # Number of weights handled per numpy pass: big enough to amortise per-call overhead, small enough
 # that the (n, M) temporaries stay in the CPU caches.
-CHUNK_WEIGHTS = 1 << 16
+CHUNK_WEIGHTS = 1 << 18
 
 # ggml's kvalues_iq4nl: the 16 levels of the IQ4 non-linear grid.
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
@@ -77,11 +77,13 @@ def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     amax = np.zeros(x.shape[1:], dtype=F32)
     mx = np.zeros(x.shape[1:], dtype=F32)
+    ax = np.empty(x.shape[1:], dtype=F32)
+    upd = np.empty(x.shape[1:], dtype=bool)
     for i in range(x.shape[0]):
-        ax = np.abs(x[i])
-        upd = ax > amax
-        np.copyto(amax, ax, where=upd)
-        np.copyto(mx, x[i], where=upd)
+        np.abs(x[i], out=ax)
+        np.greater(ax, amax, out=upd)
+        mx = np.where(upd, x[i], mx)
+        np.fmax(amax, ax, out=amax)  # fmax: a NaN never replaces amax, as `ax > amax` is false for it
     return amax, mx
 
 
@@ -157,41 +159,95 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     return scale.astype(F32, copy=False), L
 
 
+def nearest_int_f(v: np.ndarray) -> np.ndarray:
+    """float32(nearest_int(v)): rint where that is what the bit trick gives (|v| <= 2**22 - 1)."""
+    r = np.rint(v)
+    big = ~(np.abs(v) <= F32(4194303.0))  # also NaN
+    if big.any():
+        r[big] = nearest_int(v[big]).astype(F32)
+    return r
+
+
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_q3_quants(n, nmax, x, L, do_rmse=true) for blocks x (n, M): (scale (M,), L (n, M) uint8)."""
-    n = x.shape[0]
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) for blocks x (n, M): (scale (M,), L (n, M) uint8).
+
+    The C refinement visits the elements one by one and moves one level when that improves the
+    weighted fit, updating the running sums.  Until a block's first accepted move its state is the
+    pass-start state, so all elements' trials are evaluated at once from that state; the first accepted
+    move is applied and the block resumes after it, again all at once (moves are rare, so there are few
+    rounds).  A pass without a move leaves a block as it was, so such a block is done: C's `break`.
+    """
+    n, m = x.shape
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    lo, hi = F32(-nmax), F32(nmax - 1)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         safe_max = np.where(zero, F32(1.0), mx)
-        iscale = F32(-nmax) / safe_max
-        L = np.clip(nearest_int(x * iscale), -nmax, nmax - 1).astype(F32)
+        L = nearest_int_f(x * (F32(-nmax) / safe_max))
+        np.clip(L, lo, hi, out=L)
         w = x * x
         wx = w * x
         sumlx = seq_sum(wx * L)
         suml2 = seq_sum(w * L * L)
-        # A pass in which no level changes leaves the state as it was, so the next pass would change
-        # nothing either: stopping when no block changed equals C's per-block `break`.
+        rows = np.arange(n)[:, None]
+        active = None if not zero.any() else np.flatnonzero(~zero)  # None: every block
         for _ in range(5):
-            changed = False
-            for i in range(n):
-                Li = L[i]
-                slx = sumlx - wx[i] * Li
-                sl2 = suml2 - w[i] * Li * Li
-                new_l = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1).astype(F32)
-                cand = (slx > 0) & (new_l != Li)
-                if not cand.any():
-                    continue
-                slx = slx + wx[i] * new_l
-                sl2 = sl2 + w[i] * new_l * new_l
-                acc = cand & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-                if acc.any():
-                    changed = True
-                    L[i] = np.where(acc, new_l, Li)
-                    sumlx = np.where(acc, slx, sumlx)
-                    suml2 = np.where(acc, sl2, suml2)
-            if not changed:
+            if active is None:
+                xa, wa, wxa, La, sx, s2 = x, w, wx, L.copy(), sumlx.copy(), suml2.copy()
+            elif active.size == 0:
                 break
+            else:
+                xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
+                sx, s2 = sumlx[active], suml2[active]
+            k = xa.shape[1]
+            moved = np.zeros(k, dtype=bool)
+            start = np.zeros(k, dtype=np.intp)
+            todo = None  # None: all k blocks of this pass
+            while True:
+                if todo is None:
+                    xt, wt, wxt, Lt, sxt, s2t = xa, wa, wxa, La, sx, s2
+                else:
+                    xt, wt, wxt, Lt = xa[:, todo], wa[:, todo], wxa[:, todo], La[:, todo]
+                    sxt, s2t = sx[todo], s2[todo]
+                slx = sxt - wxt * Lt
+                sl2 = s2t - wt * Lt * Lt
+                new_l = nearest_int_f(xt * sl2 / slx)
+                np.clip(new_l, lo, hi, out=new_l)
+                cand = (slx > 0) & (new_l != Lt)
+                if todo is not None:
+                    cand &= rows >= start[todo]
+                flat = np.flatnonzero(cand)  # ordered by element, then block
+                if flat.size == 0:
+                    break
+                kt = cand.shape[1]
+                bb = flat % kt
+                nl = new_l.ravel()[flat]
+                slx_c = slx.ravel()[flat] + wxt.ravel()[flat] * nl
+                sl2_c = sl2.ravel()[flat] + wt.ravel()[flat] * nl * nl
+                sx_c, s2_c = sxt[bb], s2t[bb]
+                acc = (sl2_c > 0) & (slx_c * slx_c * s2_c > sx_c * sx_c * sl2_c)
+                if not acc.any():
+                    break
+                flat, bb, nl, slx_c, sl2_c = flat[acc], bb[acc], nl[acc], slx_c[acc], sl2_c[acc]
+                # each block's first accepted element (flat is ordered by element index)
+                pick = np.full(kt, flat.size, dtype=np.intp)
+                np.minimum.at(pick, bb, np.arange(flat.size))
+                ub = np.flatnonzero(pick < flat.size)
+                first = pick[ub]
+                pos = ub if todo is None else todo[ub]
+                i_star = flat[first] // kt
+                La[i_star, pos] = nl[first]
+                sx[pos] = slx_c[first]
+                s2[pos] = sl2_c[first]
+                moved[pos] = True
+                start[pos] = i_star + 1
+                todo = pos
+            if active is None:
+                L, sumlx, suml2 = La, sx, s2
+                active = np.flatnonzero(moved)
+            else:
+                L[:, active], sumlx[active], suml2[active] = La, sx, s2
+                active = active[moved]
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
     Lu = (L + F32(nmax)).astype(np.uint8)
     if zero.any():

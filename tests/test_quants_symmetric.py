@@ -294,3 +294,28 @@ def test_make_qx_quants_matches_scalar_port():
         for b in range(x.shape[1]):
             s_ref, L_ref = _c_make_qx_quants(x[:, b], nmax, w[:, b])
             assert scale[b] == s_ref and L[:, b].tolist() == L_ref, (nmax, b)
+
+
+# ---- Q3_K without importance has an optional numba fast path; the numpy path stays the reference
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("kind", KINDS)
+def test_q3_k_numpy_path_parity(ggml, kind, monkeypatch):
+    from quants import q3_k
+
+    monkeypatch.setattr(q3_k, "USE_NUMBA", False)
+    rows = make_rows(kind, 8, 1024, 40 + KINDS.index(kind))
+    check_parity(ggml, T.Q3_K, rows, None, exact=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_q3_k_numba_path_equals_numpy_path(kind):
+    from quants import q3_k
+
+    if not q3_k.USE_NUMBA:
+        pytest.skip("numba not installed (or failed to compile): Q3_K uses its numpy path only")
+    rows = make_rows(kind, 16, 1024, 60 + KINDS.index(kind))
+    xb = rows.reshape(-1, 256)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(q3_k._ref_blocks_numba(xb), q3_k._ref_blocks(xb))

@@ -84,7 +84,8 @@ def cmd_build(a: argparse.Namespace) -> int:
     model = {"name": Path(a.model).name} if a.model else {}
     res = build(meas, metas, method=method, target_size=target_size, target_bpw=a.target_bpw,
                 knee_tolerance=a.knee_tolerance, calibration=cal, constraints=_constraints(a),
-                metadata_bytes=kv, model=model, stock_mix=a.stock_mix, log=print)
+                metadata_bytes=kv, model=model, stock_mix=a.stock_mix,
+                plan_file_name=Path(a.output).name, log=print)
     dt = time.perf_counter() - t0
     for m in res.messages:
         print(f"note: {m}")

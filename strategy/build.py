@@ -179,8 +179,15 @@ def make_plan(c: Candidates, choice: np.ndarray, method: str, target: dict, mode
 def build(measurements: list, metas: list[TensorMeta] | None, *, method: str, target_size: int | None = None,
           target_bpw: float | None = None, knee_tolerance: float = 2.0, calibration=None, constraints=None,
           metadata_bytes: int = 0, model: dict | None = None, stock_mix: str | None = None,
-          importance: dict | None = None, log: Callable[[str], None] = lambda s: None) -> BuildResult:
+          importance: dict | None = None, plan_file_name: str | None = None,
+          log: Callable[[str], None] = lambda s: None) -> BuildResult:
+    """Build one plan. `metadata_bytes` is the model's kv section; the kv entries the converter adds for the
+    plan itself (digest, file name) are added here, so the converted file is exactly `size` bytes."""
     from strategy.budget import budget_from_bpw
+    from strategy.sizes import strategy_kv_bytes
+
+    if metas is not None:
+        metadata_bytes = int(metadata_bytes) + strategy_kv_bytes(plan_file_name)
 
     c = build_candidates(measurements, metas, metadata_bytes=metadata_bytes, calibration=calibration,
                          constraints=constraints)

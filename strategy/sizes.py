@@ -153,9 +153,30 @@ def metadata_bytes_from_gguf(path: str | Path) -> int:
 
     r = GGUFReader(str(path))
     if r.tensors:
-        return int(min(t.field.offset for t in r.tensors)) - HEADER_BYTES
-    # no tensors: the kv section runs to the end of the last field
-    return max(int(f.offset) + sum(int(p.nbytes) for p in f.parts) for f in r.fields.values()) - HEADER_BYTES
+        kv = int(min(t.field.offset for t in r.tensors)) - HEADER_BYTES
+    else:  # no tensors: the kv section runs to the end of the last field
+        kv = max(int(f.offset) + sum(int(p.nbytes) for p in f.parts) for f in r.fields.values()) - HEADER_BYTES
+    # keys our converter writes per plan are accounted by strategy_kv_bytes, not here
+    for key in STRATEGY_KEYS:
+        f = r.fields.get(key)
+        if f is not None:
+            kv -= sum(int(p.nbytes) for p in f.parts)
+    return kv
+
+
+# kv entries convert_hf_to_gguf_strategy.py adds when it writes a plan (plan digest, plan file name)
+STRATEGY_KEYS = ("quantize.strategy.sha256", "quantize.strategy.file")
+
+
+def strategy_kv_bytes(plan_file_name: str | None) -> int:
+    """Bytes of the kv entries the converter adds for a plan: key (8 + len) + type (4) + string (8 + len).
+
+    The digest is 64 hex characters; the file name is the plan's base name, cut to 127 characters (as the
+    converter writes it). Without a name we reserve the longest possible one, so the budget still holds.
+    """
+    digest = 8 + len(STRATEGY_KEYS[0]) + 4 + 8 + 64
+    name_len = len(plan_file_name.encode("utf-8")[:127]) if plan_file_name is not None else 127
+    return digest + 8 + len(STRATEGY_KEYS[1]) + 4 + 8 + name_len
 
 
 def estimate_metadata_bytes(model_dir: str | Path) -> int:

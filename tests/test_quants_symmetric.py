@@ -134,10 +134,9 @@ def test_parity_odd_shapes(ggml, qtype):
         check_parity(ggml, qtype, rows, imp, exact=True)
 
 
-def _smollm2_rows(max_rows: int = 128) -> list[tuple[str, np.ndarray]]:
-    root = os.environ.get("SMOLLM2_DIR")
-    if not root or not (Path(root) / "model.safetensors").is_file():
-        pytest.skip("set SMOLLM2_DIR to a SmolLM2 checkpoint directory for the real-weight parity test")
+def _smollm2_rows(root: Path, max_rows: int = 128) -> list[tuple[str, np.ndarray]]:
+    if not (Path(root) / "model.safetensors").is_file():
+        pytest.skip(f"{root} has no model.safetensors")
     torch = pytest.importorskip("torch")
     from safetensors import safe_open
 
@@ -154,10 +153,10 @@ def _smollm2_rows(max_rows: int = 128) -> list[tuple[str, np.ndarray]]:
 @pytest.mark.reference
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_parity_real_weights(ggml, qtype):
+def test_parity_real_weights(ggml, qtype, smollm2):
     bs = GGML_QUANT_SIZES[qtype][0]
     tested = 0
-    for i, (name, rows) in enumerate(_smollm2_rows()):
+    for i, (name, rows) in enumerate(_smollm2_rows(smollm2)):
         if rows.shape[1] % bs:
             continue  # e.g. 576-wide rows cannot be K-quantized (llama-quantize falls back too)
         imp = make_importance(rows.shape[1], i)

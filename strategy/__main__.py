@@ -82,9 +82,24 @@ def cmd_build(a: argparse.Namespace) -> int:
         return _err(f"--method {method} needs --target-size (e.g. 2.5GiB) or --target-bpw (e.g. 4.5)")
     target_size = parse_size(a.target_size) if a.target_size is not None else None
     model = {"name": Path(a.model).name} if a.model else {}
+    cons = _constraints(a)
+    importance = groups = None
+    if a.imatrix:
+        from measure.imatrix import load_imatrix
+        from strategy.build import imatrix_facts
+        from strategy.constraints import Constraints
+
+        if metas is None:
+            return _err("--imatrix needs --model (or --metas) to match imatrix entries to tensor shapes")
+        facts = imatrix_facts(load_imatrix(a.imatrix), metas)
+        cons = cons or Constraints()
+        cons.no_imatrix |= facts.no_imatrix
+        importance, groups = facts.importance, facts.groups or None
+        print(f"imatrix: {len(facts.importance)} tensors covered, {len(facts.no_imatrix)} without full coverage "
+              f"(limited to types safe without one), {len(facts.groups)} tied groups")
     res = build(meas, metas, method=method, target_size=target_size, target_bpw=a.target_bpw,
-                knee_tolerance=a.knee_tolerance, calibration=cal, constraints=_constraints(a),
-                metadata_bytes=kv, model=model, stock_mix=a.stock_mix,
+                knee_tolerance=a.knee_tolerance, calibration=cal, constraints=cons,
+                metadata_bytes=kv, model=model, stock_mix=a.stock_mix, importance=importance, groups=groups,
                 plan_file_name=Path(a.output).name, log=print)
     dt = time.perf_counter() - t0
     for m in res.messages:
@@ -225,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ceiling", action="append", metavar="CLASS=TYPE")
     b.add_argument("--pin", action="append", metavar="TENSOR=TYPE")
     b.add_argument("--no-imatrix", action="append", metavar="TENSOR", help="tensor without imatrix coverage")
+    b.add_argument("--imatrix", help="imatrix (GGUF or .dat): coverage limits, ASHQ1 importance and tied groups")
     b.add_argument("--check-text", help="evaluation text for the end-to-end check against stock")
     b.add_argument("--check-chunks", type=int, default=4)
     b.add_argument("-o", "--output", required=True)

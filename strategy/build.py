@@ -106,14 +106,14 @@ def run_method(c: Candidates, method: str, *, budget: int | None = None, knee_to
 
         if budget is None:
             raise StrategyError("--method budget needs --target-size or --target-bpw")
-        choice, sol = allocate(c, budget, groups=groups)
+        choice, sol = allocate(c, budget)  # tied groups are ASHQ1's rule; the budget allocator is free
         info["lower_bound"] = sol.lower_bound
     elif method == "ashq1":
         from strategy.ashq1 import allocate_ashq1
 
         if budget is None:
             raise StrategyError("--method ashq1 needs --target-size or --target-bpw")
-        choice = allocate_ashq1(c, budget, importance=importance)
+        choice = allocate_ashq1(c, budget, importance=importance, groups=groups)
     elif method == "stock":
         choice, mix = stock_choice(c, metas, budget=budget, mix=stock_mix)
         info["mix"] = mix
@@ -179,7 +179,8 @@ def make_plan(c: Candidates, choice: np.ndarray, method: str, target: dict, mode
 def build(measurements: list, metas: list[TensorMeta] | None, *, method: str, target_size: int | None = None,
           target_bpw: float | None = None, knee_tolerance: float = 2.0, calibration=None, constraints=None,
           metadata_bytes: int = 0, model: dict | None = None, stock_mix: str | None = None,
-          importance: dict | None = None, plan_file_name: str | None = None,
+          importance: dict | None = None, groups: Sequence[Sequence[str]] | None = None,
+          plan_file_name: str | None = None,
           log: Callable[[str], None] = lambda s: None) -> BuildResult:
     """Build one plan. `metadata_bytes` is the model's kv section; the kv entries the converter adds for the
     plan itself (digest, file name) are added here, so the converted file is exactly `size` bytes."""
@@ -201,7 +202,7 @@ def build(measurements: list, metas: list[TensorMeta] | None, *, method: str, ta
     if metas is None and target_size is not None:
         log("note: no --model given, so sizes count only the measured tensors (no F32 tensors, no metadata)")
     choice, info = run_method(c, method, budget=budget, knee_tolerance=knee_tolerance, stock_mix=stock_mix,
-                              metas=metas, importance=importance)
+                              metas=metas, importance=importance, groups=groups)
     if constraints is not None and method != "stock":
         bad = constraints.satisfied_by(c, c.types_of(choice))
         if bad:
@@ -270,3 +271,40 @@ def diff_plans(a: Plan, b: Plan, names: Sequence[str] | None = None) -> list[str
     sa, sb = (a.target or {}).get("size"), (b.target or {}).get("size")
     out.append(f"{len(out)} tensor(s) differ" + (f"; size {sa} -> {sb} bytes ({(sb - sa):+d})" if sa and sb else ""))
     return out
+
+
+# ------------------------------------------------------------------------------------------------ imatrix
+@dataclass
+class ImatrixFacts:
+    no_imatrix: set[str]                 # quantizable tensors the imatrix does not (fully) cover
+    importance: dict[str, float]         # mean importance per tensor (ASHQ1's weighting)
+    groups: list[list[str]]              # tensors with identical importance rows (same input activations)
+
+
+def imatrix_facts(imatrix, metas: Sequence[TensorMeta]) -> ImatrixFacts:
+    """What the allocators need from a `measure.imatrix.Imatrix`: coverage, importance and tied groups.
+
+    Tied groups are found from the data, not from names: tensors whose importance vectors are byte-identical
+    read the same activations (attn_q/k/v after one norm, ffn_gate/up), so ASHQ1 moves them together.
+    """
+    import hashlib
+
+    no_imatrix: set[str] = set()
+    importance: dict[str, float] = {}
+    by_hash: dict[tuple[int | None, str], list[str]] = {}
+    for m in metas:
+        if not m.quantizable:
+            continue
+        cov = imatrix.coverage(m.name)
+        try:
+            imp = imatrix.importance_for(m.name, m.shape)
+        except ValueError:
+            imp = None
+        if imp is None or cov is None or cov.empty or cov.partial:
+            no_imatrix.add(m.name)
+        if imp is None:
+            continue
+        importance[m.name] = float(np.mean(imp))
+        key = (m.layer, hashlib.sha1(np.ascontiguousarray(imp, dtype=np.float32).tobytes()).hexdigest())
+        by_hash.setdefault(key, []).append(m.name)
+    return ImatrixFacts(no_imatrix, importance, [g for g in by_hash.values() if len(g) > 1])

@@ -94,3 +94,26 @@ def test_ashq1_in_budget_tied_and_never_better_than_budget_on_predicted_loss(fra
     ch_b, _ = allocate(c, budget)
     assert c.loss_of(ch_b) <= c.loss_of(ch) * (1 + 1e-9)
     assert np.isfinite(c.loss_of(ch))
+
+
+def test_imatrix_facts_coverage_importance_and_tied_groups():
+    from measure.imatrix import Imatrix, ImatrixEntry
+    from strategy.build import imatrix_facts
+
+    _, metas = synth_model(n_layers=2, seed=1)
+    rng = np.random.default_rng(0)
+    entries = {}
+    for layer in range(2):
+        x = rng.random(256).astype(np.float32)
+        for n in ("attn_q", "attn_k", "attn_v"):
+            entries[f"blk.{layer}.{n}.weight"] = ImatrixEntry(x[None, :] * 5, np.array([5]))
+        entries[f"blk.{layer}.attn_output.weight"] = ImatrixEntry(rng.random((1, 256)).astype(np.float32), np.array([5]))
+        g = rng.random(256).astype(np.float32)
+        entries[f"blk.{layer}.ffn_gate.weight"] = ImatrixEntry(g[None, :], np.array([1]))
+        entries[f"blk.{layer}.ffn_up.weight"] = ImatrixEntry(g[None, :], np.array([0]))  # never reached
+    facts = imatrix_facts(Imatrix(entries), metas)
+    assert "token_embd.weight" in facts.no_imatrix and "blk.0.ffn_down.weight" in facts.no_imatrix
+    assert "blk.1.ffn_up.weight" in facts.no_imatrix and "blk.1.attn_q.weight" not in facts.no_imatrix
+    assert sorted(sorted(g) for g in facts.groups) == [
+        [f"blk.{i}.attn_{n}.weight" for n in ("k", "q", "v")] for i in range(2)]
+    assert facts.importance["blk.0.attn_q.weight"] == pytest.approx(float(np.mean(entries["blk.0.attn_q.weight"].values())))

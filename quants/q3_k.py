@@ -114,7 +114,9 @@ _EPS = F32(1e-15)
 _THR = F32(4194303.0)
 _MAGIC = F32(12582912.0)
 
-if USE_NUMBA:  # pragma: no branch
+def _define_kernels() -> None:
+    """Define the numba kernels (cache=True can fail on a read-only install: then numpy is used)."""
+    global _near, _q3_levels, _requant
 
     @_numba.njit(cache=True)
     def _near(v, scratch):
@@ -191,7 +193,6 @@ if USE_NUMBA:  # pragma: no branch
                     L[b, 16 * j + i] = min(3, max(-4, _near(xb[b, 16 * j + i] / d, scratch))) + 4
 
 
-
 def _ref_blocks_numba(xb: np.ndarray) -> np.ndarray:
     """_ref_blocks with the per-element loops compiled (identical bytes)."""
     nb = xb.shape[0]
@@ -221,4 +222,8 @@ def _warm_up() -> bool:
 
 
 if USE_NUMBA:
-    USE_NUMBA = _warm_up()
+    try:
+        _define_kernels()
+        USE_NUMBA = _warm_up()
+    except Exception:  # pragma: no cover
+        USE_NUMBA = False

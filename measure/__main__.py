@@ -1,0 +1,131 @@
+"""CLI.
+
+    python -m measure MODEL_DIR [--imatrix F ...] [--combine mean|max|weighted] [--types Q8_0,Q4_K] --db FILE
+    python -m measure imatrix MODEL_DIR --text FILE -o imatrix.gguf [--ctx 512] [--chunks N]
+    python -m measure inspect MODEL_DIR [--imatrix F ...]
+    python -m measure export --db FILE -o out.csv|out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("imatrix", "inspect", "export")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from catalog import ModelInputError
+    from measure.db import DBError
+    from measure.imatrix import ImatrixError
+    from measure.imatrix_compute import ImatrixComputeError
+    from quants import QuantInputError
+
+    return (ModelInputError, ImatrixError, DBError, QuantInputError, ImatrixComputeError, FileNotFoundError)
+
+
+def _measure(argv: list[str]) -> int:
+    from measure.roundtrip import parse_types
+    from measure.run import run
+
+    p = argparse.ArgumentParser(prog="python -m measure", description="Round-trip every tensor through every type.")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--imatrix", nargs="+", action="extend", default=[], type=Path, help="imatrix file(s), GGUF or .dat")
+    p.add_argument("--combine", default="mean", choices=["mean", "max", "weighted"])
+    p.add_argument("--types", default=None, help="comma-separated, case-insensitive (default: the 14 candidates)")
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    s = run(a.model_dir, a.db, imatrix_paths=a.imatrix, combine=a.combine, types=parse_types(a.types),
+            workers=a.workers, progress=not a.no_progress)
+    print(f"{s.db}: {s.n_tensors} tensors x {s.n_types} types: {s.computed} computed, {s.skipped} already done, "
+          f"{s.not_applicable} not applicable, {s.seconds:.1f}s")
+    return 0
+
+
+def _imatrix(argv: list[str]) -> int:
+    from measure.imatrix_compute import compute_imatrix
+
+    p = argparse.ArgumentParser(prog="python -m measure imatrix", description="Compute an imatrix with torch.")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--text", required=True, type=Path)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=-1)
+    p.add_argument("--process-output", action="store_true", help="also collect output.weight, as llama-imatrix can")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    out = compute_imatrix(a.model_dir, a.text, a.output, ctx=a.ctx, chunks=a.chunks,
+                          process_output=a.process_output, device=a.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inspect(argv: list[str]) -> int:
+    import catalog
+    from measure.imatrix import load_imatrix
+
+    p = argparse.ArgumentParser(prog="python -m measure inspect")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--imatrix", nargs="+", action="extend", default=[], type=Path)
+    p.add_argument("--combine", default="mean", choices=["mean", "max", "weighted"])
+    a = p.parse_args(argv)
+    infos = catalog.list_tensors(a.model_dir)
+    imat = load_imatrix(a.imatrix, a.combine) if a.imatrix else None
+    if imat is not None:
+        imat.check_model([(i.name, i.shape) for i in infos if i.quantizable])
+    w = max(len(i.name) for i in infos)
+    print(f"{'tensor':<{w}}  {'shape':<22} {'params':>12}  {'class':<16} {'quant':<5}  imatrix")
+    for i in infos:
+        cov = "-"
+        if imat is not None:
+            c = imat.coverage(i.name)
+            cov = c.describe() if c else ("none" if i.quantizable else "-")
+        print(f"{i.name:<{w}}  {'x'.join(map(str, i.shape)):<22} {i.n_params:>12,}  {i.cls:<16} "
+              f"{'yes' if i.quantizable else 'no':<5}  {cov}")
+    print(f"{len(infos)} tensors, {sum(i.n_params for i in infos):,} params, "
+          f"{sum(1 for i in infos if i.quantizable)} quantizable")
+    if imat is not None:
+        flagged = [c for c in imat.flagged()]
+        if flagged:
+            print(f"{len(flagged)} imatrix entries with zero/partial counts (experts never routed to):")
+            for c in flagged:
+                print(f"  {c.name}: {c.describe()}")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from measure.db import MeasurementDB
+
+    p = argparse.ArgumentParser(prog="python -m measure export")
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    a = p.parse_args(argv)
+    if a.output.suffix.lower() not in (".csv", ".json"):
+        raise FileNotFoundError(f"{a.output}: output must end in .csv or .json")
+    with MeasurementDB(a.db, readonly=True) as db:
+        out = db.export(a.output)
+        n = len(db.measurements())
+    print(f"wrote {n} measurements to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = {"imatrix": _imatrix, "inspect": _inspect, "export": _export}.get(argv[0] if argv else "", None)
+    errors = _user_errors()
+    try:
+        return cmd(argv[1:]) if cmd else _measure(argv)
+    except errors as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

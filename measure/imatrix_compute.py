@@ -1,0 +1,167 @@
+"""Our own importance matrix from a Hugging Face checkpoint: torch forward passes over a calibration text with
+hooks that sum the squared inputs of every matrix multiplication, keyed by the GGUF names the converter emits.
+
+It follows llama-imatrix's protocol so the two are comparable: the text is tokenized once (with BOS when the
+tokenizer adds one), cut into `ctx`-token chunks (at least 2 chunks' worth of tokens required, as llama-imatrix
+demands), each chunk's first token replaced by BOS, every chunk evaluated independently; dense weights get one
+count (tokens seen), MoE expert weights one count per expert (tokens routed to it); token_embd is never
+collected and output.weight only on request. Why values are close but not bit-identical: docs/imatrix.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from measure.imatrix import ImatrixEntry, save_imatrix_gguf
+
+
+class ImatrixComputeError(ValueError):
+    """Bad input for computing an imatrix (text too short, unsupported model); one line naming the fix."""
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class _Acc:
+    """float64 running sums of x^2 per column and per matrix (expert), plus token counts."""
+
+    def __init__(self, n: int, n_mat: int = 1):
+        self.sums = np.zeros((n_mat, n), dtype=np.float64)
+        self.counts = np.zeros(n_mat, dtype=np.int64)
+
+    def add(self, x, mat: int = 0) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.sums[mat] += (x * x).sum(0).cpu().numpy()
+        self.counts[mat] += x.shape[0]
+
+
+def _tokenize(model_dir: Path, text_path: Path) -> tuple[list[int], int | None]:
+    from transformers import AutoTokenizer
+
+    if not text_path.is_file():
+        raise ImatrixComputeError(f"{text_path}: calibration text not found")
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a model-dir problem for the user
+        raise ImatrixComputeError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    bos = tok.bos_token_id
+    add_bos = bos is not None and bool(ids) and ids[0] == bos
+    return ids, (bos if add_bos else None)
+
+
+def _name_map(model_dir: Path):
+    import json
+
+    from catalog.hook import _gguf, resolve_model_class
+
+    cls = resolve_model_class(model_dir)  # activates upstream's conversion + gguf first
+    gguf = _gguf()
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    n_blocks = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0)
+    return gguf.get_tensor_name_map(cls.model_arch, n_blocks)
+
+
+def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, output: str | os.PathLike, *,
+                    ctx: int = 512, chunks: int = -1, process_output: bool = False, device: str | None = None,
+                    dataset_name: str | None = None) -> Path:
+    """Compute and write a GGUF imatrix; returns its path. Raises ImatrixComputeError / catalog.ModelInputError."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import catalog
+
+    model_dir, text, output = Path(model_dir), Path(text), Path(output)
+    if ctx < 16:
+        raise ImatrixComputeError(f"--ctx {ctx} is too small; llama-imatrix ignores batches under 16 tokens")
+    infos = {i.name: i for i in catalog.list_tensors(model_dir)}  # also validates the model dir
+    tokens, bos = _tokenize(model_dir, text)
+    if len(tokens) < 2 * ctx:
+        raise ImatrixComputeError(f"{text}: tokenizes to only {len(tokens)} tokens; a context of {ctx} needs at least "
+                                  f"{2 * ctx} (use a longer text or a smaller --ctx)")
+    n_chunk = len(tokens) // ctx if chunks is None or chunks < 0 else min(chunks, len(tokens) // ctx)
+    if n_chunk < 1:
+        raise ImatrixComputeError(f"--chunks {chunks}: nothing to compute")
+    tmap = _name_map(model_dir)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.to(dev).eval()
+
+    accs: dict[str, _Acc] = {}
+    hooks = []
+
+    def gguf_name(module_name: str) -> str | None:
+        n = tmap.get_name(module_name + ".weight", try_suffixes=(".weight",))
+        return n if n in infos else None
+
+    def dense_hook(name: str, n_in: int):
+        def hook(_mod, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+            if isinstance(x, torch.Tensor) and x.shape[-1] == n_in:
+                accs.setdefault(name, _Acc(n_in)).add(x)
+        return hook
+
+    def experts_hook(layer: int, mod):
+        n_exp, two_i, hidden = mod.gate_up_proj.shape
+        names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
+
+        def hook(_mod, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hs = hs.reshape(-1, hidden)
+            for n in names[:2]:
+                accs.setdefault(n, _Acc(hidden, n_exp))
+            accs.setdefault(names[2], _Acc(two_i // 2, n_exp))
+            for e in range(n_exp):
+                tok = (idx == e).nonzero()[:, 0]
+                if tok.numel() == 0:
+                    continue
+                x = hs[tok]
+                for n in names[:2]:
+                    accs[n].add(x, e)
+                gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                accs[names[2]].add(mod.act_fn(gate) * up, e)
+        return hook
+
+    for mname, mod in model.named_modules():
+        lm = _LAYER.search(mname)
+        if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and mod.gate_up_proj.ndim == 3:
+            if lm is None:
+                continue
+            hooks.append(mod.register_forward_pre_hook(experts_hook(int(lm.group(1)), mod), with_kwargs=True))
+            continue
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.nn.Parameter) or w.ndim != 2 or isinstance(mod, torch.nn.Embedding):
+            continue
+        name = gguf_name(mname)
+        if name is None or name.startswith("token_embd"):
+            continue
+        if not name.startswith("blk.") and not (process_output and name == "output.weight"):
+            continue
+        if infos[name].shape[-1] != w.shape[1]:
+            continue  # the converter reshapes this one; importance per GGUF column is not the HF input column
+        hooks.append(mod.register_forward_pre_hook(dense_hook(name, int(w.shape[1])), with_kwargs=True))
+
+    try:
+        with torch.inference_mode():
+            for c in range(n_chunk):
+                ids = list(tokens[c * ctx:(c + 1) * ctx])
+                if bos is not None:
+                    ids[0] = bos
+                model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not accs:
+        raise ImatrixComputeError(f"{model_dir}: no matrix multiplication could be mapped to a GGUF tensor name")
+    entries = {n: ImatrixEntry(a.sums.astype(np.float32), a.counts.copy()) for n, a in accs.items()}
+    return save_imatrix_gguf(output, entries, datasets=[dataset_name or str(text)], chunk_count=n_chunk,
+                             chunk_size=ctx)

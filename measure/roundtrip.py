@@ -1,0 +1,115 @@
+"""One tensor through one GGUF type and back: the error numbers strategy/ ranks types by.
+
+Quantization is done exactly as the converter (and llama-quantize) do it: `quants.quantize` with the imatrix
+importance of that tensor, per expert for 3-D `_exps` tensors (each expert with its own importance slice), no
+importance when the imatrix has no entry for the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+import quants
+from measure.records import Measurement
+
+DEFAULT_TYPES: tuple[str, ...] = (
+    "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K",
+)
+
+
+def parse_types(spec: str | None) -> list[str]:
+    """'q8_0, Q4_K' -> ['Q8_0', 'Q4_K'] (case-insensitive, deduplicated, order kept); None -> defaults."""
+    if spec is None or not spec.strip():
+        return list(DEFAULT_TYPES)
+    out: list[str] = []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name = quants.type_name(quants.parse_type(part))
+        if quants.parse_type(name) not in quants.WRITABLE_TYPES:
+            raise quants.QuantInputError(f"type {name} cannot be written by this project; valid: "
+                                         + ", ".join(t.name for t in quants.WRITABLE_TYPES))
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise quants.QuantInputError(f"--types {spec!r} names no type")
+    return out
+
+
+def applicable(shape: tuple[int, ...], qtype: str) -> bool:
+    """A type fits a tensor when its rows are whole blocks (otherwise ggml cannot store it at all)."""
+    return shape[-1] % quants.block_size(qtype) == 0
+
+
+def tensor_bytes(shape: tuple[int, ...], qtype: str) -> int:
+    n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return n_rows * quants.row_bytes(qtype, int(shape[-1]))
+
+
+def quantize_tensor(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None) -> np.ndarray:
+    """Bytes of the whole tensor as the converter writes them (per-expert importance for 3-D tensors)."""
+    if data.ndim == 3 and importance is not None and np.ndim(importance) == 2:
+        return np.stack([quants.quantize(data[e], qtype, importance[e], name=name) for e in range(data.shape[0])])
+    return quants.quantize(data, qtype, importance, name=name)
+
+
+def round_trip(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None) -> np.ndarray:
+    q = quantize_tensor(data, qtype, importance, name)
+    return quants.dequantize(q, qtype).reshape(data.shape)
+
+
+@dataclass(frozen=True)
+class Errors:
+    rmse: float
+    max_abs_err: float
+    wmse: float
+    rel_err: float
+    cos: float
+
+
+def error_stats(w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> Errors:
+    """Error numbers of round trip r against original w (float64 accumulation, so large tensors stay exact enough).
+
+    wmse = sum_ij imp_j err_ij^2 / sum_ij imp_j, with imp broadcast per expert for 3-D tensors; plain MSE when
+    there is no importance."""
+    w64 = w.astype(np.float64, copy=False)
+    err = r.astype(np.float64) - w64
+    sq = err * err
+    n = err.size
+    sse = float(sq.sum())
+    if importance is None:
+        wmse = sse / n
+    else:
+        imp = np.asarray(importance, dtype=np.float64)
+        if w.ndim == 3 and imp.ndim == 2:
+            imp = imp[:, None, :]
+        per_col = sq * imp  # broadcast over rows
+        denom = float(np.broadcast_to(imp, sq.shape).sum())
+        wmse = float(per_col.sum()) / denom if denom > 0 else sse / n
+    wn = float(np.sqrt((w64 * w64).sum()))
+    rn = float(np.sqrt((r.astype(np.float64) ** 2).sum()))
+    dot = float((w64 * r).sum())
+    cos = dot / (wn * rn) if wn > 0 and rn > 0 else (1.0 if wn == rn else 0.0)
+    return Errors(
+        rmse=math.sqrt(sse / n),
+        max_abs_err=float(np.abs(err).max()) if n else 0.0,
+        wmse=wmse,
+        rel_err=math.sqrt(sse) / wn if wn > 0 else (0.0 if sse == 0 else math.inf),
+        cos=cos,
+    )
+
+
+def measure_tensor(name: str, data: np.ndarray, qtype: str, importance: np.ndarray | None, *,
+                   tensor_class: str = "", layer: int | None = None) -> Measurement | None:
+    """Measurement of one tensor at one type, or None when the type does not fit the row length."""
+    if not applicable(data.shape, qtype):
+        return None
+    r = round_trip(data, qtype, importance, name)
+    e = error_stats(data, r, importance)
+    n_bytes = tensor_bytes(data.shape, qtype)
+    return Measurement(tensor=name, qtype=qtype, n_params=int(data.size), n_bytes=n_bytes,
+                       bpw=8.0 * n_bytes / data.size, rmse=e.rmse, max_abs_err=e.max_abs_err, wmse=e.wmse,
+                       rel_err=e.rel_err, cos=e.cos, tensor_class=tensor_class, layer=layer)

@@ -102,7 +102,7 @@ class LlamaCppEngine:
         self.threads = threads
         self.verbose = verbose
 
-    def _run(self, args: list[str], model: Path) -> str:
+    def _run(self, args: list[str], model: Path, text: Path | None = None) -> str:
         cmd = [str(self.binary), "-m", str(model), *args]
         if self.threads:
             cmd += ["-t", str(self.threads)]
@@ -118,8 +118,8 @@ class LlamaCppEngine:
             m = re.search(r"tokenizes to only (\d+) tokens", out)
             n = m.group(1) if m else "too few"
             need = re.search(r"need at least (\d+) tokens", out)
-            raise VerifyError(f"text tokenizes to only {n} tokens; perplexity needs at least "
-                              f"{need.group(1) if need else '2 chunks of'} (2 chunks of --ctx); use a longer text "
+            raise VerifyError(f"{text or 'text'}: tokenizes to only {n} tokens; perplexity needs at least "
+                              f"{need.group(1) if need else 'twice --ctx'} (2 chunks of --ctx); use a longer text "
                               f"or a smaller --ctx")
         if proc.returncode != 0:
             raise VerifyError(f"{model}: llama.cpp cannot evaluate it: {failure_message(out)}")
@@ -129,9 +129,11 @@ class LlamaCppEngine:
         args = ["-f", str(text), "-c", str(n_ctx), "--kl-divergence-base", str(out_raw)]
         if n_chunks:
             args += ["--chunks", str(n_chunks)]
-        out = self._run(args, base)
-        if "need at least" in out:
-            raise VerifyError(f"{text}: too short for --ctx {n_ctx}: {failure_message(out)}")
+        out = self._run(args, base, text)
+        if out_raw.is_file() and out_raw.stat().st_size == 12:
+            # llama-perplexity writes magic + n_ctx, then finds the text too short (its message can be lost)
+            raise VerifyError(f"{text}: tokenizes to fewer than {2 * n_ctx} tokens; perplexity needs at least "
+                              f"{2 * n_ctx} (2 chunks of --ctx {n_ctx}); use a longer text or a smaller --ctx")
         if not out_raw.is_file():
             raise VerifyError(f"{base}: llama-perplexity gave no result: {failure_message(out)}")
         info = BaseLogits.open(out_raw)

@@ -40,6 +40,15 @@ def gguf_tokenizer(gguf_path: Path, model_dir: Path | None = None) -> Callable[[
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     gguf_path = Path(gguf_path)
+    if model_dir is None:
+        try:  # transformers' GGUF vocabulary converter, called directly: it needs no model-architecture support
+            from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+            arch, tok_dict, _ = get_gguf_tokenizer(str(gguf_path))
+            backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+            return lambda text: list(backend.encode(text, add_special_tokens=False).ids)
+        except Exception:  # noqa: BLE001 - older transformers: fall back to AutoTokenizer(gguf_file=...)
+            pass
     try:
         if model_dir is not None:
             tok = AutoTokenizer.from_pretrained(str(model_dir))

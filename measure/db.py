@@ -104,7 +104,10 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
             raise DBError(f"{path}: directory {parent} does not exist; create it or choose another --db path")
         if (path.exists() and not os.access(path, os.W_OK)) or (not path.exists() and not os.access(parent, os.W_OK)):
             raise DBError(f"{path}: database path is not writable; choose a writable --db path")
-        con = sqlite3.connect(str(path), timeout=60, isolation_level=None)
+        try:
+            con = sqlite3.connect(str(path), timeout=60, isolation_level=None)
+        except sqlite3.Error as e:
+            raise DBError(f"{path}: cannot open the database ({e}); choose a writable --db path") from None
     try:
         if not readonly:
             con.execute("PRAGMA journal_mode=WAL")
@@ -113,7 +116,7 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         con.close()
-        if "readonly" in str(e) or "read-only" in str(e):
+        if "readonly" in str(e) or "read-only" in str(e) or "unable to open" in str(e):
             raise DBError(f"{path}: database is read-only ({e}); choose a writable --db path") from None
         raise DBError(f"{path}: not a usable measurement database ({e}); delete it or choose another --db path") from None
     return con

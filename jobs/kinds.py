@@ -110,6 +110,7 @@ def _measure(p: dict[str, Any], ws: Path) -> Command:
         _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
     if p.get("types"):
         _opt(argv, "--types", ",".join(p["types"]) if isinstance(p["types"], list) else p["types"])
+    _opt(argv, "--workers", p.get("workers"))
     return Command(argv, outputs={"db": _rel(ws, db)})
 
 
@@ -117,9 +118,10 @@ def _imatrix(p: dict[str, Any], ws: Path) -> Command:
     model = _path(ws, p.get("model"), "model")
     out = _path(ws, p.get("output") or f"measurements/{model.name}.imatrix.gguf", "output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = _py("-m", "measure", "imatrix", str(model), "-o", str(out))
-    if p.get("text"):
-        _opt(argv, "--text", _path(ws, p["text"], "text"))
+    text = _path(ws, p.get("text") or "texts/calibration.txt", "text")
+    argv = _py("-m", "measure", "imatrix", str(model), "-o", str(out), "--text", str(text))
+    _opt(argv, "--ctx", p.get("ctx"))
+    _opt(argv, "--chunks", p.get("chunks"))
     return Command(argv, outputs={"imatrix": _rel(ws, out)})
 
 
@@ -130,39 +132,51 @@ def _strategy(p: dict[str, Any], ws: Path) -> Command:
     argv = _py("-m", "strategy", "build", "--db", str(db), "-o", str(out))
     if p.get("model"):
         _opt(argv, "--model", _path(ws, p["model"], "model"))
-    if p.get("budget"):
-        _opt(argv, "--budget", p["budget"])
-    elif p.get("bpw"):
-        _opt(argv, "--bpw", p["bpw"])
+    if p.get("target_size"):
+        _opt(argv, "--target-size", p["target_size"])
+    elif p.get("target_bpw"):
+        _opt(argv, "--target-bpw", p["target_bpw"])
     else:
         argv.append("--knee")
+    _opt(argv, "--method", p.get("method"))
+    if p.get("imatrix"):
+        _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
     return Command(argv, outputs={"strategy": _rel(ws, out)})
 
 
 def _convert(p: dict[str, Any], ws: Path) -> Command:
+    """With a strategy: the mixed GGUF. Without one: a uniform file (outtype, e.g. bf16 for verify's base)."""
     model = _path(ws, p.get("model"), "model")
-    plan = _path(ws, p.get("strategy"), "strategy")
-    out = _path(ws, p.get("outfile") or f"gguf/{model.name}-{plan.stem}.gguf", "outfile")
+    plan = _path(ws, p["strategy"], "strategy") if p.get("strategy") else None
+    tag = plan.stem if plan else str(p.get("outtype") or "bf16").lower()
+    out = _path(ws, p.get("outfile") or f"gguf/{model.name}-{tag}.gguf", "outfile")
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = _py(str(ROOT / "convert_hf_to_gguf_strategy.py"), str(model), "--strategy", str(plan),
-               "--outfile", str(out))
+    argv = _py(str(ROOT / "convert_hf_to_gguf_strategy.py"), str(model), "--outfile", str(out))
+    if plan:
+        argv += ["--strategy", str(plan)]
+    if p.get("outtype") or not plan:
+        argv += ["--outtype", str(p.get("outtype") or "bf16")]
     if p.get("imatrix"):
         _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
     return Command(argv, outputs={"gguf": _rel(ws, out)})
 
 
 def _verify(p: dict[str, Any], ws: Path) -> Command:
-    model = _path(ws, p.get("model"), "model")
-    ggufs = p.get("gguf")
-    ggufs = [ggufs] if isinstance(ggufs, str) else list(ggufs or [])
-    if not ggufs:
-        raise ParamError("missing parameter 'gguf' (one or more GGUF files, relative to the workspace)")
-    out = _path(ws, p.get("output") or f"verify/{model.name}.json", "output")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    argv = _py("-m", "verify", str(model), *[str(_path(ws, g, "gguf")) for g in ggufs], "--json", str(out))
-    if p.get("text"):
-        _opt(argv, "--text", _path(ws, p["text"], "text"))
-    return Command(argv, outputs={"report": _rel(ws, out)})
+    base = _path(ws, p.get("base"), "base")
+    cands = p.get("candidates")
+    cands = [cands] if isinstance(cands, str) else list(cands or [])
+    if not cands:
+        raise ParamError("missing parameter 'candidates' (GGUF files to compare with the base)")
+    text = _path(ws, p.get("text") or "texts/evaluation.txt", "text")
+    out = _path(ws, p.get("output") or f"verify/{base.stem}", "output")
+    argv = _py("-m", "verify", "--base", str(base), "--text", str(text), "-o", str(out),
+               *[str(_path(ws, c, "candidates")) for c in cands])
+    _opt(argv, "--ctx", p.get("ctx"))
+    _opt(argv, "--chunks", p.get("chunks"))
+    _opt(argv, "--engine", p.get("engine"))
+    if p.get("model_dir"):
+        _opt(argv, "--model-dir", _path(ws, p["model_dir"], "model_dir"))
+    return Command(argv, outputs={"report": _rel(ws, out / "results.json")})
 
 
 KINDS: dict[str, Kind] = {

@@ -1,0 +1,1 @@
+"""Local web GUI over the whole workflow: models, measurement, strategy editing, convert and verify."""

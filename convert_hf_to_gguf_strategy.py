@@ -168,18 +168,16 @@ class ConvertSink:
         return self.float_type
 
     def importance_for(self, info: Any, final: str) -> np.ndarray | None:
+        """This tensor's importance as llama-quantize applies it (size checked; MoE: one row per expert)."""
         if self.imatrix is None:
             return None
-        imp = self.imatrix.importance(info.name)
-        if imp is None:
-            return None
-        imp = np.asarray(imp, dtype=np.float32)
-        if imp.size != info.n_per_row * info.n_expert:
-            if info.cls == "token_embd":
-                return None  # llama-quantize ignores a mismatching token_embd entry too
-            raise UserError(f"imatrix entry {info.name!r} has {imp.size} values, the tensor needs "
-                            f"{info.n_per_row * info.n_expert}; the imatrix is for another model")
-        return imp.reshape(info.n_expert, info.n_per_row) if info.n_expert > 1 else imp.reshape(info.n_per_row)
+        from measure.imatrix import ImatrixError
+
+        try:
+            imp = self.imatrix.importance_for(info.name, info.shape)
+        except ImatrixError as e:
+            raise UserError(str(e)) from None
+        return None if imp is None else np.asarray(imp, dtype=np.float32)
 
     def file_type_name(self) -> str:
         """The type covering most weights (2-D and 3-D tensors, by parameter count)."""
@@ -389,13 +387,11 @@ def _load_imatrix(paths: list[Path]) -> Any:
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: imatrix file not found")
-    try:
-        from measure.imatrix import load_imatrix
-    except ImportError as e:
-        raise UserError(f"--imatrix needs measure.imatrix ({e})") from None
+    from measure.imatrix import ImatrixError, load_imatrix
+
     try:
         return load_imatrix(paths)
-    except Exception as e:  # the loader names the file and the problem (truncated, not an imatrix...)
+    except (ImatrixError, OSError, ValueError) as e:  # the loader names the file and the problem
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(msg if any(str(p) in msg for p in paths) else f"{paths[0]}: {msg}") from None
 
@@ -403,15 +399,12 @@ def _load_imatrix(paths: list[Path]) -> Any:
 def _imatrix_kv(imatrix: Any, paths: list[Path]) -> dict[str, Any]:
     """The quantize.imatrix.* keys, as llama-quantize writes them (strings cut to 127 bytes, counts as u32)."""
     kv: dict[str, Any] = {"quantize.imatrix.file": ",".join(str(p) for p in paths)[:127]}
-    dataset = getattr(imatrix, "dataset", None)
-    if isinstance(dataset, (list, tuple)):
-        dataset = dataset[0] if dataset else None
-    if dataset:
-        kv["quantize.imatrix.dataset"] = str(dataset)[:127]
-    kv["quantize.imatrix.entries_count"] = len(list(imatrix.names()))
-    chunks = int(getattr(imatrix, "chunks", 0) or 0)
-    if chunks > 0:
-        kv["quantize.imatrix.chunks_count"] = chunks
+    datasets = list(getattr(imatrix, "datasets", None) or [])
+    if datasets:
+        kv["quantize.imatrix.dataset"] = str(datasets[0])[:127]  # llama-quantize: the first one
+    kv["quantize.imatrix.entries_count"] = len(imatrix)
+    if int(imatrix.chunks or 0) > 0:
+        kv["quantize.imatrix.chunks_count"] = int(imatrix.chunks)
     return kv
 
 
@@ -548,10 +541,13 @@ def _main(argv: list[str]) -> int:
     extra_kv: dict[str, Any] = {}
     if args.imatrix:
         imatrix = _load_imatrix(args.imatrix)
-        names_im = set(imatrix.names())
-        if infos is not None and not names_im & {i.name for i in infos if i.quantizable}:
-            raise UserError(f"{args.imatrix[0]}: none of its {len(names_im)} entries name a tensor of this model "
-                            f"(e.g. {sorted(names_im)[:2]}); is the imatrix for another model?")
+        if infos is not None:
+            from measure.imatrix import ImatrixError
+
+            try:  # another model: no entry names one of our tensors, or sizes disagree
+                imatrix.check_model([(i.name, i.shape) for i in infos if i.quantizable])
+            except ImatrixError as e:
+                raise UserError(str(e)) from None
         extra_kv.update(_imatrix_kv(imatrix, args.imatrix))
     if plan is not None or default_type is not None or outtype.lower() not in UPSTREAM_OUTTYPES or imatrix:
         extra_kv[STRATEGY_DIGEST_KEY] = policy.effective_plan().digest()

@@ -105,6 +105,7 @@ def test_secret_is_kept_out_of_the_database(tmp_path):
     ("PROGRESS 0.25 1.0/4.0 MB model.safetensors", 0.25),
     ("[3/12] blk.0.attn_q.weight", 0.25),
     ("measuring 30 / 120 tensors", 0.25),
+    ("[measure] tensors 3/12  results 40/168", 0.25),  # python -m measure's \r status line
     (" 42%|████      | 42/100", 0.42),
     ("loading config", None),
     ("shape (256, 512)", None),

@@ -74,7 +74,11 @@ def cmd_build(a: argparse.Namespace) -> int:
         from strategy.calibrate import Calibration
 
         cal = Calibration.load(cal_path)
-        print(f"calibration: {cal_path} (held-out Spearman {cal.report.get('spearman_heldout', float('nan')):.3f})")
+        print(f"calibration: {cal_path} (proxy {cal.proxy}, held-out Spearman "
+              f"{cal.report.get('spearman_heldout', float('nan')):.3f})")
+        if cal.proxy == "out" and not a.imatrix:
+            return _err(f"{cal_path}: this calibration uses the 'out' proxy (error x activation energy); "
+                        f"pass the same --imatrix it was fitted with")
     method = a.method or ("knee" if a.knee else "budget")
     if a.knee and method != "knee":
         return _err("--knee builds a knee plan; drop --method or use --method knee")
@@ -153,7 +157,9 @@ def _stock_check(a, res, meas, metas, kv, cal) -> int:
 
 
 def _probe_engine(a):
-    """A `probe(assignments) -> mean KLD` from verify.probe when installed and a check text is given."""
+    """A `probe(assignments) -> mean KLD` from verify.probe when installed and a check text is given.
+
+    Round trips use the imatrix (--imatrix) as the converter would, so the probe measures the file we write."""
     if not getattr(a, "check_text", None) or not a.model:
         return None
     try:
@@ -161,7 +167,21 @@ def _probe_engine(a):
     except ImportError:
         return None
     session = ProbeSession(a.model, a.check_text, n_chunks=a.check_chunks)
-    return session.kld if hasattr(session, "kld") else session
+    imp: dict = {}
+    if getattr(a, "imatrix", None):
+        from measure.imatrix import load_imatrix
+
+        im = load_imatrix(a.imatrix)
+        for name, w in session.originals.items():
+            v = im.importance_for(name, tuple(w.shape)) if name in im else None
+            if v is not None:
+                imp[name] = v
+    if hasattr(session, "kld"):
+        return session.kld
+
+    def probe(assign: dict[str, str]) -> float:
+        return float(session.probe(assign, importance={n: imp[n] for n in assign if n in imp}).kld_mean)
+    return probe
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -171,7 +191,16 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
     meas = load_measurements(a.db)
     metas = load_metas(a.model, a.metas)
-    c = build_candidates(meas, metas, metadata_bytes=metadata_bytes_for(a.model, a.base_gguf, a.metadata_bytes))
+    importance = None
+    if a.imatrix:
+        from measure.imatrix import load_imatrix
+        from strategy.build import imatrix_facts
+
+        if metas is None:
+            return _err("--imatrix needs --model (or --metas) to match imatrix entries to tensor shapes")
+        importance = imatrix_facts(load_imatrix(a.imatrix), metas).importance
+    c = build_candidates(meas, metas, metadata_bytes=metadata_bytes_for(a.model, a.base_gguf, a.metadata_bytes),
+                         importance=importance)
     a.check_text = a.text
     a.check_chunks = a.chunks
     probe = _probe_engine(a)
@@ -250,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_inputs(c)
     c.add_argument("--text", required=False, help="evaluation text for the probes")
     c.add_argument("--chunks", type=int, default=4)
+    c.add_argument("--imatrix", help="imatrix (GGUF or .dat) the converter will use: probes round-trip with it")
     c.add_argument("--random-probes", type=int, default=8)
     c.add_argument("-o", "--output")
     c.set_defaults(fn=cmd_calibrate)

@@ -191,7 +191,7 @@ def build(measurements: list, metas: list[TensorMeta] | None, *, method: str, ta
         metadata_bytes = int(metadata_bytes) + strategy_kv_bytes(plan_file_name)
 
     c = build_candidates(measurements, metas, metadata_bytes=metadata_bytes, calibration=calibration,
-                         constraints=constraints)
+                         constraints=constraints, importance=importance)
     budget = target_size
     target: dict = {}
     if target_size is not None:

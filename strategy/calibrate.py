@@ -54,6 +54,7 @@ class Calibration:
     class_scales: dict[str, float] = field(default_factory=dict)  # "class" -> scale (fallback)
     global_scale: float = 1.0
     report: dict = field(default_factory=dict)
+    proxy: str = "wmse"                                           # which strategy.problem.PROXIES the scales apply to
 
     def scale(self, cls: str, layer: int | None, n_layers: int) -> float:
         key = group_key(cls, layer, n_layers)
@@ -62,7 +63,7 @@ class Calibration:
         return self.class_scales.get(cls, self.global_scale)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "scales": self.scales, "class_scales": self.class_scales,
+        return {"format": FORMAT, "proxy": self.proxy, "scales": self.scales, "class_scales": self.class_scales,
                 "global_scale": self.global_scale, "report": self.report}
 
     @classmethod
@@ -72,7 +73,8 @@ class Calibration:
                              f"create one with `python -m strategy calibrate`")
         return cls(scales={k: float(v) for k, v in d.get("scales", {}).items()},
                    class_scales={k: float(v) for k, v in d.get("class_scales", {}).items()},
-                   global_scale=float(d.get("global_scale", 1.0)), report=d.get("report") or {})
+                   global_scale=float(d.get("global_scale", 1.0)), report=d.get("report") or {},
+                   proxy=str(d.get("proxy", "wmse")))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -115,37 +117,54 @@ def spearman(a: Iterable[float], b: Iterable[float]) -> float:
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
-def _raw(c: Candidates) -> np.ndarray:
-    """Uncalibrated proxy per (tensor, type): wmse x n_params; nan where unmeasured."""
-    return c.err * c.n_params[:, None].astype(np.float64)
+def _raw(c: Candidates, proxy: str = "wmse") -> np.ndarray:
+    """Uncalibrated proxy per (tensor, type); nan where unmeasured."""
+    from strategy.problem import proxy_table
+
+    return proxy_table(c, proxy)
+
+
+def ladder(c: Candidates, i: int) -> list[int]:
+    """Columns of tensor i's measured valid types, one per distinct bpw (the lowest-error type at that bpw),
+    cheapest first: the steps a probe can push a tensor to."""
+    cols = np.flatnonzero(c.valid[i] & np.isfinite(c.err[i]))
+    best: dict[float, int] = {}
+    for j in cols:
+        b = round(bits_per_weight(c.types[j]), 4)
+        if b not in best or c.err[i, j] < c.err[i, best[b]]:
+            best[b] = int(j)
+    return [best[b] for b in sorted(best)]
 
 
 def _low_type(c: Candidates, i: int, rank: int) -> int | None:
-    """Column of the `rank`-th cheapest measured valid type of tensor i (0 = cheapest)."""
-    cols = np.flatnonzero(c.valid[i] & np.isfinite(c.err[i]))
-    if len(cols) == 0:
-        return None
-    cols = cols[np.argsort([bits_per_weight(c.types[j]) for j in cols], kind="stable")]
-    return int(cols[min(rank, len(cols) - 1)])
+    """Column of the `rank`-th step of tensor i's ladder (0 = cheapest), clipped to the ladder."""
+    lad = ladder(c, i)
+    return lad[min(rank, len(lad) - 1)] if lad else None
 
 
-def plan_probes(c: Candidates, fit_rank: int = 0, heldout_rank: int = 1, n_random: int = 8,
-                seed: int = 0) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
-    """(fit probes, held-out probes) as (label, assignments). One fit probe per group at its cheapest type;
-    held out: each group at its second-cheapest type, and `n_random` random mixes over all tensors."""
+def plan_probes(c: Candidates, fit_ranks: tuple[int, ...] = (0, 2), heldout_ranks: tuple[int, ...] = (1,),
+                n_random: int = 8, seed: int = 0
+                ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
+    """(fit probes, held-out probes) as (label, assignments).
+
+    Fit: each group (class x depth bucket) pushed to the `fit_ranks` steps of its ladder (cheapest and third
+    cheapest bpw by default: a large and a moderate perturbation, so the scale holds over the range plans use).
+    Held out: each group at the `heldout_ranks` steps, and `n_random` random mixes over all tensors (30% of
+    tensors, each at one of its three cheapest steps), which also test additivity across groups."""
     groups: dict[str, list[int]] = {}
     for i in range(c.n):
         groups.setdefault(group_key(c.classes[i], c.layers[i], c.n_layers), []).append(i)
-    fit, held = [], []
+    fit_p, held = [], []
     for key, members in sorted(groups.items()):
-        for rank, out in ((fit_rank, fit), (heldout_rank, held)):
-            a = {}
-            for i in members:
-                j = _low_type(c, i, rank)
-                if j is not None:
-                    a[c.names[i]] = c.types[j]
-            if a:
-                out.append((f"{key}:{'low' if out is fit else 'second'}", a))
+        for ranks, out in ((fit_ranks, fit_p), (heldout_ranks, held)):
+            for rank in ranks:
+                a = {}
+                for i in members:
+                    j = _low_type(c, i, rank)
+                    if j is not None:
+                        a[c.names[i]] = c.types[j]
+                if a and not any(a == prev for _, prev in fit_p + held):
+                    out.append((f"{key}:step{rank}", a))
     rng = np.random.default_rng(seed)
     for r in range(n_random):
         a = {}
@@ -156,12 +175,13 @@ def plan_probes(c: Candidates, fit_rank: int = 0, heldout_rank: int = 1, n_rando
                 a[c.names[i]] = c.types[j]
         if a:
             held.append((f"random{r}", a))
-    return fit, held
+    return fit_p, held
 
 
-def predict(c: Candidates, assignments: dict[str, str], cal: Calibration | None) -> float:
+def predict(c: Candidates, assignments: dict[str, str], cal: Calibration | None, proxy: str | None = None) -> float:
     idx = c.index()
-    raw = _raw(c)
+    proxy = proxy or (cal.proxy if cal else "wmse")
+    raw = _raw(c, proxy)
     total = 0.0
     for name, t in assignments.items():
         i = idx[name]
@@ -170,40 +190,82 @@ def predict(c: Candidates, assignments: dict[str, str], cal: Calibration | None)
     return total
 
 
-def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0,
-        log: Callable[[str], None] | None = None) -> Calibration:
-    """Run the probes, fit the per-group scales, and report held-out agreement (Spearman, uncalibrated too)."""
-    fit_probes, held_probes = plan_probes(c, n_random=n_random, seed=seed)
-    log = log or (lambda s: None)
-    cal = Calibration()
-    records = []
-    per_class: dict[str, list[float]] = {}
-    for label, a in fit_probes:
-        kld = float(probe(a))
-        proxy = predict(c, a, None)
+def _fit_scales(c: Candidates, fit_rows: list[tuple[str, dict[str, str], float]], proxy: str) -> Calibration:
+    """Per-group scale = geometric mean over the group's fit probes of measured KLD / proxy sum."""
+    cal = Calibration(proxy=proxy)
+    per_group: dict[str, list[float]] = {}
+    for label, a, kld in fit_rows:
+        p = predict(c, a, None, proxy)
         key = label.rsplit(":", 1)[0]
-        s = max(kld, 1e-12) / max(proxy, 1e-300)
-        cal.scales[key] = s
-        per_class.setdefault(key.split("@")[0], []).append(s)
-        records.append({"label": label, "kld": kld, "proxy": proxy, "use": "fit"})
-        log(f"  fit {label:32s} kld {kld:.5f}  proxy {proxy:.4g}  scale {s:.4g}")
+        per_group.setdefault(key, []).append(max(kld, 1e-9) / max(p, 1e-300))
+    per_class: dict[str, list[float]] = {}
+    for key, ss in per_group.items():
+        cal.scales[key] = float(np.exp(np.mean(np.log(ss))))
+        per_class.setdefault(key.split("@")[0], []).append(cal.scales[key])
     for cls, ss in per_class.items():
         cal.class_scales[cls] = float(np.exp(np.mean(np.log(ss))))
     if cal.scales:
         cal.global_scale = float(np.exp(np.median(np.log(list(cal.scales.values())))))
-    meas, pred, pred_raw = [], [], []
+    return cal
+
+
+def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0,
+        proxies: Iterable[str] = ("wmse", "out", "mse", "rel2"),
+        log: Callable[[str], None] | None = None) -> Calibration:
+    """Run the probes, fit per-group scales for each candidate proxy, keep the proxy whose calibrated
+    predictions rank the held-out probes best (Spearman), and report the agreement of every proxy."""
+    from strategy.problem import PROXIES
+
+    fit_probes, held_probes = plan_probes(c, n_random=n_random, seed=seed)
+    log = log or (lambda s: None)
+    proxies = [p for p in proxies if p in PROXIES and np.isfinite(_raw(c, p)[c.valid]).any()]
+    fit_rows: list[tuple[str, dict[str, str], float]] = []
+    records = []
+    for label, a in fit_probes:
+        kld = float(probe(a))
+        fit_rows.append((label, a, kld))
+        records.append({"label": label, "kld": kld, "n_tensors": len(a), "use": "fit",
+                        "proxy": {p: predict(c, a, None, p) for p in proxies}})
+        log(f"  fit {label:34s} kld {kld:.5f}")
+    held_rows = []
     for label, a in held_probes:
         kld = float(probe(a))
-        p = predict(c, a, cal)
-        meas.append(kld)
-        pred.append(p)
-        pred_raw.append(predict(c, a, None))
-        records.append({"label": label, "kld": kld, "predicted": p, "use": "heldout"})
-        log(f"  held-out {label:27s} kld {kld:.5f}  predicted {p:.5f}")
+        held_rows.append((label, a, kld))
+        log(f"  held-out {label:29s} kld {kld:.5f}")
+    meas = [k for _, _, k in held_rows]
+    per_proxy: dict[str, dict] = {}
+    cals: dict[str, Calibration] = {}
+    for p in proxies:
+        cal_p = _fit_scales(c, fit_rows, p)
+        pred = [predict(c, a, cal_p) for _, a, _ in held_rows]
+        logerr = [abs(math.log(max(x, 1e-12) / max(y, 1e-12))) for x, y in zip(pred, meas)]
+        per_proxy[p] = {"spearman_heldout": spearman(pred, meas),
+                        "spearman_heldout_uncalibrated": spearman([predict(c, a, None, p) for _, a, _ in held_rows],
+                                                                  meas),
+                        "median_abs_log_ratio": float(np.median(logerr)) if logerr else float("nan")}
+        cals[p] = cal_p
+    # best held-out rank agreement; near-ties (3 decimals) go to the better magnitude, then to the listed order
+    order = sorted(per_proxy, key=lambda p: (-round(float(np.nan_to_num(per_proxy[p]["spearman_heldout"], nan=-2.0)), 3),
+                                              round(per_proxy[p]["median_abs_log_ratio"], 3), proxies.index(p)))
+    best = order[0] if order else "wmse"
+    cal = cals.get(best) or Calibration()
+    for label, a, kld in held_rows:
+        records.append({"label": label, "kld": kld, "n_tensors": len(a), "use": "heldout",
+                        "predicted": predict(c, a, cal), "uncalibrated": predict(c, a, None, "wmse")})
+    rand = [(predict(c, a, cal), k) for label, a, k in held_rows if label.startswith("random")]
     cal.report = {
+        "proxy": best,
         "n_fit": len(fit_probes), "n_heldout": len(held_probes),
-        "spearman_heldout": spearman(pred, meas),
-        "spearman_heldout_uncalibrated": spearman(pred_raw, meas),
+        "spearman_heldout": per_proxy.get(best, {}).get("spearman_heldout", float("nan")),
+        "spearman_heldout_uncalibrated": spearman([predict(c, a, None, "wmse") for _, a, _ in held_rows], meas),
+        "proxies": per_proxy,
+        # additivity: measured / predicted KLD on the random mixes (many groups perturbed at once)
+        "random_measured_over_predicted": [round(k / p, 4) if p > 0 else None for p, k in rand],
         "probes": records,
     }
+    for p in order:
+        r = per_proxy[p]
+        log(f"  proxy {p:5s}: held-out Spearman {r['spearman_heldout']:.3f} (uncalibrated "
+            f"{r['spearman_heldout_uncalibrated']:.3f}), median |log(pred/meas)| {r['median_abs_log_ratio']:.3f}"
+            + ("  <- chosen" if p == best else ""))
     return cal

@@ -7,9 +7,10 @@ Rows are tensors whose type we choose (quantizable and measured); columns are GG
 weight, cheapest first (so a tie in an argmin goes to the smaller type). `bytes` are padded data bytes
 (sizes.pad), so `fixed_bytes + sum(bytes[i, choice[i]])` is the exact file size.
 
-Predicted loss per (tensor, type) = scale(class, depth) * wmse * n_params: wmse is the importance-weighted
-mean squared error of the round trip, so wmse * n_params is proportional to E||dW x||^2 for activations x
-distributed like the imatrix's; the calibration scale (1 when uncalibrated) maps that proxy to delta-KLD.
+Predicted loss per (tensor, type) = scale(class, depth) * proxy. The default proxy is wmse * n_params: wmse is
+the importance-weighted mean squared error of the round trip, so wmse * n_params * mean(importance) is
+E||dW x||^2 for activations x distributed like the imatrix's. `proxies` holds the alternatives a calibration
+may choose (see PROXIES); the calibration scale (1 when uncalibrated) maps the proxy to delta-KLD.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Candidates:
     notes: list[str] = field(default_factory=list)
     unmeasured: list[str] = field(default_factory=list)  # quantizable but not measured: fixed, still ours to write
     header_bytes: int = 0            # part of fixed_bytes that is not tensor data (header, kv, infos, padding)
+    proxies: dict[str, np.ndarray] = field(default_factory=dict)  # proxy name -> (n, K) raw proxy, nan unmeasured
 
     @property
     def n(self) -> int:
@@ -99,6 +101,15 @@ class Candidates:
         return data * 8 / max(1, self.total_params)
 
 
+# proxy name -> what it measures (all per tensor and type; bigger is worse)
+PROXIES = {
+    "wmse": "importance-weighted MSE x params (the uncalibrated default)",
+    "out": "E||dW x||^2 = weighted MSE x params x mean importance (output error energy per token)",
+    "mse": "plain MSE x params",
+    "rel2": "squared relative error ||dW||^2 / ||W||^2",
+}
+
+
 def depth_of(layer: int | None, n_layers: int) -> float | None:
     if layer is None or n_layers <= 1:
         return None if layer is None else 0.0
@@ -108,13 +119,14 @@ def depth_of(layer: int | None, n_layers: int) -> float | None:
 def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None = None, *,
                      metadata_bytes: int = 0, calibration=None, constraints=None,
                      types: Iterable[str] | None = None, align: int = ALIGNMENT,
-                     unmeasured_type: str = "Q8_0") -> Candidates:
+                     unmeasured_type: str = "Q8_0", importance: Mapping[str, float] | None = None) -> Candidates:
     """Measurements (+ the model's full tensor list for exact size) -> the candidate table.
 
     Without `metas` the table covers only measured tensors and sizes are their padded measured bytes (good
     for --target-bpw and tests). With `metas`, non-quantizable tensors (F32 norms...) and their bytes count in
     `fixed_bytes`, types whose block does not divide the row length are excluded, and a quantizable tensor
-    that was not measured is fixed at `unmeasured_type` (noted in `notes`).
+    that was not measured is fixed at `unmeasured_type` (noted in `notes`). `importance` (tensor -> mean
+    imatrix importance) enables the "out" proxy; without it that proxy equals "wmse".
     """
     rows: dict[str, dict[str, object]] = {}
     info: dict[str, tuple[int, str, int | None]] = {}
@@ -150,6 +162,8 @@ def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None 
     n, k = len(order), len(all_types)
     nbytes = np.zeros((n, k), dtype=np.int64)
     err = np.full((n, k), np.nan)
+    mse = np.full((n, k), np.nan)
+    rel2 = np.full((n, k), np.nan)
     valid = np.zeros((n, k), dtype=bool)
     n_params = np.zeros(n, dtype=np.int64)
     classes: list[str] = []
@@ -175,6 +189,8 @@ def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None 
             else:
                 nbytes[i, j] = pad(int(m.n_bytes), align)
             err[i, j] = float(m.wmse)
+            mse[i, j] = float(m.rmse) ** 2
+            rel2[i, j] = float(m.rel_err) ** 2
             valid[i, j] = True
         if not valid[i].any():
             raise StrategyError(f"tensor {name}: no measured type fits its rows; measure a type whose block "
@@ -194,22 +210,38 @@ def build_candidates(measurements: Iterable, metas: Sequence[TensorMeta] | None 
         ml = [m.layer for m in metas if m.layer is not None]
         n_layers = max(n_layers, max(ml) + 1 if ml else 0)
 
+    npf = n_params[:, None].astype(np.float64)
+    act = np.array([float((importance or {}).get(name, 1.0)) for name in order])[:, None]
+    proxies = {"wmse": err * npf, "out": err * npf * act, "mse": mse * npf, "rel2": rel2}
     c = Candidates(names=order, types=all_types, nbytes=nbytes, err=err, loss=np.full((n, k), np.inf),
                    valid=valid, n_params=n_params, classes=classes, layers=layers, fixed_bytes=fixed,
                    fixed_types=fixed_types, unmeasured=unmeasured, n_layers=n_layers, total_params=total_params, notes=notes,
-                   header_bytes=header)
+                   header_bytes=header, proxies=proxies)
     set_loss(c, calibration)
     if constraints is not None:
         constraints.apply(c, metas=meta_by)
     return c
 
 
+def proxy_table(c: Candidates, name: str = "wmse") -> np.ndarray:
+    """(n, K) raw proxy `name` (see PROXIES); nan where unmeasured."""
+    if name not in PROXIES:
+        raise StrategyError(f"unknown loss proxy {name!r}; choose one of {', '.join(PROXIES)}")
+    if name in c.proxies:
+        return c.proxies[name]
+    if name in ("wmse", "out"):
+        return c.err * c.n_params[:, None].astype(np.float64)
+    raise StrategyError(f"proxy {name!r} needs measurements with that error column; re-run `python -m measure`")
+
+
 def set_loss(c: Candidates, calibration=None) -> None:
-    """loss = scale(class, depth) * wmse * n_params (scale 1 without calibration); inf where invalid."""
+    """loss = scale(class, depth) * proxy (wmse * n_params, scale 1 without calibration); inf where invalid."""
     scale = np.ones(c.n)
+    proxy = "wmse"
     if calibration is not None:
         scale = np.array([calibration.scale(cls, layer, c.n_layers) for cls, layer in zip(c.classes, c.layers)])
-    raw = np.nan_to_num(c.err, nan=np.inf) * c.n_params[:, None].astype(np.float64) * scale[:, None]
+        proxy = getattr(calibration, "proxy", "wmse")
+    raw = np.nan_to_num(proxy_table(c, proxy), nan=np.inf) * scale[:, None]
     c.loss = np.where(c.valid, raw, np.inf)
 
 

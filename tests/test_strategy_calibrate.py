@@ -86,3 +86,32 @@ def test_bad_calibration_file_is_a_clear_error(tmp_path):
     p.write_text('{"format": "something-else"}')
     with pytest.raises(ValueError, match="not a calibration file"):
         Calibration.load(p)
+
+
+def test_fit_chooses_the_proxy_that_ranks_held_out_probes_best():
+    """When the true loss follows the activation energy (err x params x mean importance), the "out" proxy wins
+    the held-out ranking and is the one stored; wmse alone (blind to activation scale) ranks worse."""
+    meas, metas = synth_model(n_layers=9, seed=6)
+    rng = np.random.default_rng(1)
+    names = sorted({m.tensor for m in meas})
+    act = {n: float(10 ** rng.uniform(-2, 1)) for n in names}
+    c = build_candidates(meas, metas, importance=act)
+    idx = c.index()
+
+    def probe(assign: dict[str, str]) -> float:
+        return sum(TRUE.get(c.classes[idx[n]], 1.0) * c.err[idx[n], c.types.index(t)] * c.n_params[idx[n]]
+                   * act[n] * 1e-6 for n, t in assign.items())
+
+    cal = fit(c, probe, n_random=8)
+    r = cal.report
+    assert cal.proxy == "out" and r["proxy"] == "out"
+    assert r["proxies"]["out"]["spearman_heldout"] > r["proxies"]["wmse"]["spearman_heldout"]
+    assert r["proxies"]["out"]["median_abs_log_ratio"] < 0.05
+    # the stored calibration reproduces the choice and predicts with it
+    again = Calibration.from_dict(cal.to_dict())
+    assert again.proxy == "out"
+    c2 = build_candidates(meas, metas, importance=act, calibration=again)
+    i = idx[names[0]]
+    j = int(np.flatnonzero(c2.valid[i])[0])
+    s = again.scale(c.classes[i], c.layers[i], c.n_layers)
+    assert c2.loss[i, j] == pytest.approx(s * c.err[i, j] * c.n_params[i] * act[names[0]])

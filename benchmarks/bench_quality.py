@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""End-to-end quality at equal file size: our calibrated plans vs llama.cpp's stock mixes, on SmolLM2.
+
+What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed by its inputs):
+
+1. base: the checkpoint converted by upstream's convert_hf_to_gguf.py to F32 (exact for a BF16 checkpoint);
+   it is the reference every KLD is measured against, and the input of llama-quantize.
+2. imatrix: reference `llama-imatrix` on the CALIBRATION text (default ../shared/data/moby-dick.txt).
+3. stock: reference `llama-quantize --imatrix` at Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K; their file sizes are
+   the budgets.
+4. measurements: `python -m measure MODEL --imatrix I --db F` (every tensor x every type, round trip errors).
+5. calibration: end-to-end probes with verify.probe on a slice of the CALIBRATION text that the imatrix did
+   not see (never the evaluation text), fitted by strategy.calibrate.
+6. plans at each stock size: budget allocator uncalibrated, ASHQ1, budget allocator calibrated; each converted
+   by convert_hf_to_gguf_strategy.py with the same imatrix (the file is checked to be <= the stock file).
+7. KLD of every file against the base on the EVALUATION text (default ../shared/data/sotu-1990-2021.txt),
+   reference `llama-perplexity --kl-divergence-base` once, then `--kl-divergence` per file.
+
+Targets (issue #5): at every size, calibrated mean KLD <= 0.5x stock and 99.9% KLD <= stock; mean KLD never
+rises with more bytes; calibrated beats ASHQ1 and the uncalibrated allocator. The script prints the table,
+the ratios and PASS/FAIL per target, and exits 1 when a target fails (0 when all pass).
+
+    SMOLLM2_DIR=~/.cache/real-models/smollm2-bf16 python benchmarks/bench_quality.py [--eval-chunks 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+METHODS = ("uncal", "ashq1", "cal")        # budget uncalibrated, ASHQ1, budget calibrated
+METHOD_LABEL = {"uncal": "budget (uncalibrated)", "ashq1": "ashq1", "cal": "budget (calibrated)",
+                "stock": "stock llama-quantize"}
+# candidate types for the measurements: F16 is dropped (a BF16 checkpoint is exact in BF16 at the same bytes)
+TYPES = "BF16,Q8_0,Q6_K,Q5_K,Q5_1,Q5_0,Q4_K,Q4_1,Q4_0,IQ4_XS,IQ4_NL,Q3_K,Q2_K"
+MEAN_RATIO_TARGET = 0.5
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-strategy-bench"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha_file(p: Path, n: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(n):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def key_of(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def produce(out: Path, make: Callable[[Path], None], what: str) -> Path:
+    """Make `out` once: `make` writes a temp path, renamed when complete (a killed run leaves no half file)."""
+    if out.exists():
+        return out
+    tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}{out.suffix}")
+    t0 = time.time()
+    log(f"{what} -> {out.name}")
+    make(tmp)
+    os.replace(tmp, out)
+    log(f"  done in {time.time() - t0:.0f}s")
+    return out
+
+
+def run(cmd: list[str], env: dict | None = None) -> str:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace",
+                         env={**os.environ, **(env or {})})
+    if res.returncode != 0:
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"error: command failed ({res.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+    return res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ stages
+class Bench:
+    def __init__(self, a: argparse.Namespace):
+        from llamacpp.reference import find_reference
+        from llamacpp.upstream import find_sources
+
+        self.a = a
+        self.model = Path(a.model).expanduser()
+        self.calib_text = Path(a.calibration_text)
+        self.eval_text = Path(a.evaluation_text)
+        self.ref = find_reference(a.llama_cpp)
+        self.src = find_sources()
+        self.env = {"LD_LIBRARY_PATH": f"{self.ref.lib_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        from measure.db import model_fingerprint
+
+        self.model_fp = model_fingerprint(self.model)
+        self.calib_sha = sha_file(self.calib_text)
+        self.eval_sha = sha_file(self.eval_text)
+        self.dir = CACHE / f"{self.model.name}-{self.model_fp[:12]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.threads = a.threads
+
+    # 1. base
+    def base(self) -> Path:
+        def make(tmp: Path) -> None:
+            run([sys.executable, self.src / "convert_hf_to_gguf.py", self.model, "--outtype", "f32",
+                 "--outfile", tmp], env={"PYTHONPATH": f"{self.src / 'gguf-py'}:{self.src}"})
+        return produce(self.dir / "base-f32.gguf", make, "upstream convert_hf_to_gguf.py --outtype f32")
+
+    # 2. imatrix
+    def imatrix(self) -> Path:
+        a = self.a
+        k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks)
+        out = self.dir / f"imatrix-{k}.gguf"
+
+        def make(tmp: Path) -> None:
+            run([self.ref.tool("llama-imatrix"), "-m", self.base(), "-f", self.calib_text, "-c", a.imatrix_ctx,
+                 "--chunks", a.imatrix_chunks, "-t", self.threads, "-o", tmp], self.env)
+        return produce(out, make, f"llama-imatrix on {self.calib_text.name} ({a.imatrix_chunks} x {a.imatrix_ctx})")
+
+    # 3. stock mixes
+    def stock(self, mix: str) -> Path:
+        im = self.imatrix()
+        out = self.dir / f"stock-{mix}-{im.stem}.gguf"
+
+        def make(tmp: Path) -> None:
+            run([self.ref.tool("llama-quantize"), "--imatrix", im, self.base(), tmp, mix, self.threads], self.env)
+        return produce(out, make, f"llama-quantize {mix}")
+
+    # 4. measurements
+    def measurements(self) -> Path:
+        im = self.imatrix()
+        db = self.dir / f"measure-{im.stem}.db"
+        done = db.with_suffix(".done")
+        if not done.exists():
+            log("python -m measure (round trip of every tensor x type)")
+            t0 = time.time()
+            res = subprocess.run([sys.executable, "-m", "measure", self.model, "--imatrix", im, "--db", db,
+                                  "--types", TYPES, "--workers", str(self.threads), "--no-progress"],
+                                 cwd=ROOT, text=True, capture_output=True)
+            if res.returncode != 0:
+                raise SystemExit(f"error: python -m measure failed: {(res.stderr or res.stdout).strip()[-800:]}")
+            done.write_text(res.stdout)
+            log(f"  {res.stdout.strip()} ({time.time() - t0:.0f}s)")
+        return db
+
+    # 5. calibration
+    def probe_text(self) -> Path:
+        """The part of the calibration text after what the imatrix read (same source, unseen passages)."""
+        k = key_of(self.calib_sha, self.a.probe_offset)
+        out = self.dir / f"probe-text-{k}.txt"
+
+        def make(tmp: Path) -> None:
+            text = self.calib_text.read_text(encoding="utf-8", errors="replace")
+            tmp.write_text(text[int(len(text) * self.a.probe_offset):], encoding="utf-8")
+        return produce(out, make, "probe text slice")
+
+    def calibration(self, cands, imatrix_path: Path):
+        from strategy.calibrate import Calibration, fit
+
+        a = self.a
+        from strategy import calibrate as cal_mod
+
+        k = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
+                   cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)))
+        out = self.dir / f"calibration-{k}.json"
+        if out.exists():
+            return Calibration.load(out)
+        probe = self.probe_fn(imatrix_path)
+        log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name})")
+        t0 = time.time()
+        cal = fit(cands, probe, log=log)
+        cal.report["seconds"] = round(time.time() - t0, 1)
+        cal.save(out)
+        return cal
+
+    def probe_fn(self, imatrix_path: Path):
+        from measure.imatrix import load_imatrix
+        from verify.probe import ProbeSession
+
+        im = load_imatrix(imatrix_path)
+        session = ProbeSession(self.base(), self.probe_text(), n_ctx=self.a.probe_ctx, n_chunks=self.a.probe_chunks,
+                               threads=self.threads, verbose=True)
+        shapes = {n: tuple(w.shape) for n, w in session.originals.items()}
+
+        def probe(assign: dict[str, str]) -> float:
+            imp = {}
+            for n in assign:
+                v = im.importance_for(n, shapes[n]) if n in im else None
+                if v is not None:
+                    imp[n] = v
+            r = session.probe(assign, importance=imp)
+            return r.kld_mean
+        return probe
+
+    # 6. plans + conversion
+    def plan_and_convert(self, mix: str, method: str, target: int, ctx: dict) -> Path:
+        from strategy.build import build
+        from strategy.plan import save_plan
+
+        plan_name = f"plan-{mix}-{method}.yaml"
+        res = build(ctx["meas"], ctx["metas"], method="ashq1" if method == "ashq1" else "budget",
+                    target_size=target, calibration=ctx["cal"] if method == "cal" else None,
+                    constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
+                    importance=ctx["facts"].importance, groups=ctx["facts"].groups or None, plan_file_name=plan_name)
+        d = self.dir / "plans"
+        d.mkdir(exist_ok=True)
+        tmp_plan = d / f".{plan_name}"
+        save_plan(res.plan, tmp_plan)
+        digest = sha_file(tmp_plan)[:12]
+        plan_path = d / plan_name
+        os.replace(tmp_plan, plan_path)
+        out = self.dir / "ours" / f"{mix}-{method}-{digest}.gguf"
+        out.parent.mkdir(exist_ok=True)
+
+        def make(tmp: Path) -> None:
+            run([sys.executable, ROOT / "convert_hf_to_gguf_strategy.py", self.model, "--strategy", plan_path,
+                 "--imatrix", self.imatrix(), "--outfile", tmp])
+        produce(out, make, f"convert {mix} {method} (predicted {res.size} bytes, target {target})")
+        actual = out.stat().st_size
+        if actual > target:
+            log(f"WARNING: {out.name} is {actual} bytes, over the stock size {target}")
+        ctx.setdefault("plans", {})[(mix, method)] = res
+        return out
+
+    # 7. KLD
+    def kld_base(self) -> Path:
+        a = self.a
+        k = key_of(sha_file(self.base())[:16], self.eval_sha, a.eval_ctx, a.eval_chunks)
+        out = self.dir / f"kld-base-{k}.bin"
+        if not out.exists():
+            from verify.llamacpp_engine import LlamaCppEngine
+
+            def make(tmp: Path) -> None:
+                info = LlamaCppEngine(self.ref.tool("llama-perplexity"), threads=self.threads).run_base(
+                    self.base(), self.eval_text, a.eval_ctx, a.eval_chunks, tmp)
+                Path(str(out) + ".json").write_text(json.dumps(info))
+            produce(out, make, f"llama-perplexity --kl-divergence-base on {self.eval_text.name} "
+                               f"({a.eval_chunks} x {a.eval_ctx})")
+        return out
+
+    def kld(self, gguf: Path) -> dict:
+        from verify.llamacpp_engine import LlamaCppEngine
+
+        base = self.kld_base()
+        out = gguf.with_name(f"{gguf.stem}.kld-{base.stem}.json")
+        if out.exists():
+            return json.loads(out.read_text())
+        t0 = time.time()
+        m = LlamaCppEngine(self.ref.tool("llama-perplexity"), threads=self.threads).compare(gguf, base,
+                                                                                           self.a.eval_ctx)
+        d = m.to_dict()
+        d["seconds"] = round(time.time() - t0, 1)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, out)
+        log(f"  KLD {gguf.name}: mean {d['kld_mean']:.5f}  p99.9 {d['kld_p999']:.4f}  ({d['seconds']:.0f}s)")
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ report
+def gguf_stats(path: Path, n_params: int) -> tuple[int, float]:
+    size = path.stat().st_size
+    return size, size * 8 / n_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.environ.get("SMOLLM2_DIR") or str(
+        Path.home() / ".cache" / "real-models" / "smollm2-bf16"))
+    ap.add_argument("--calibration-text", default=str(SHARED / "moby-dick.txt"))
+    ap.add_argument("--evaluation-text", default=str(SHARED / "sotu-1990-2021.txt"))
+    ap.add_argument("--llama-cpp", default=None, help="reference llama.cpp build (default: the cached one)")
+    ap.add_argument("--imatrix-ctx", type=int, default=512)
+    ap.add_argument("--imatrix-chunks", type=int, default=40)
+    ap.add_argument("--probe-ctx", type=int, default=512)
+    ap.add_argument("--probe-chunks", type=int, default=2)
+    ap.add_argument("--probe-offset", type=float, default=0.5,
+                    help="probes read the calibration text from this fraction on (the imatrix read the start)")
+    ap.add_argument("--eval-ctx", type=int, default=512)
+    ap.add_argument("--eval-chunks", type=int, default=12)
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    for p, what in ((Path(a.model).expanduser() / "config.json", "model (set SMOLLM2_DIR)"),
+                    (Path(a.calibration_text), "calibration text"), (Path(a.evaluation_text), "evaluation text")):
+        if not p.is_file():
+            print(f"error: {p}: {what} not found", file=sys.stderr)
+            return 2
+    if Path(a.calibration_text).resolve() == Path(a.evaluation_text).resolve():
+        print("error: the calibration and evaluation texts must differ (never tune on the evaluation text)",
+              file=sys.stderr)
+        return 2
+    mixes = [m.strip().upper() for m in a.mixes.split(",") if m.strip()]
+    t_start = time.time()
+    b = Bench(a)
+    b.base()
+    im = b.imatrix()
+    stock = {m: b.stock(m) for m in mixes}
+    b.kld_base()
+
+    from measure.imatrix import load_imatrix
+    from strategy.build import imatrix_facts, load_measurements, load_metas
+    from strategy.constraints import Constraints
+    from strategy.problem import build_candidates
+    from strategy.sizes import estimate_metadata_bytes
+
+    db = b.measurements()
+    meas = load_measurements(db)
+    metas = load_metas(b.model)
+    facts = imatrix_facts(load_imatrix(im), metas)
+    cons = Constraints()
+    cons.no_imatrix |= facts.no_imatrix
+    kv = estimate_metadata_bytes(b.model)
+    cands = build_candidates(meas, metas, metadata_bytes=kv)
+    cal = b.calibration(cands, im)
+    ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal}
+    n_params = sum(m.n_params for m in metas)
+
+    rows: list[dict] = []
+    base_info = json.loads(Path(str(b.kld_base()) + ".json").read_text())
+    for mix in mixes:
+        target = stock[mix].stat().st_size
+        files = {"stock": stock[mix]}
+        for method in METHODS:
+            files[method] = b.plan_and_convert(mix, method, target, ctx)
+        for method, f in files.items():
+            k = b.kld(f)
+            size, bpw = gguf_stats(f, n_params)
+            rows.append({"mix": mix, "method": method, "file": str(f), "size": size, "bpw": bpw, **k})
+
+    ok = report(rows, mixes, base_info, cal, a, time.time() - t_start)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "pass": ok}, indent=1))
+    return 0 if ok else 1
+
+
+def report(rows: list[dict], mixes: list[str], base_info: dict, cal, a, seconds: float) -> bool:
+    by = {(r["mix"], r["method"]): r for r in rows}
+    print()
+    print(f"SmolLM2 quality at stock sizes: KLD vs the F32 base on {Path(a.evaluation_text).name}, "
+          f"{a.eval_chunks} x {a.eval_ctx} tokens (base PPL {base_info['ppl']:.3f}); imatrix from "
+          f"{Path(a.calibration_text).name}")
+    hdr = f"{'size':8s} {'method':24s} {'MiB':>8s} {'bpw':>6s} {'PPL':>8s} {'mean KLD':>9s} {'99.9% KLD':>9s} {'same top':>8s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for mix in mixes:
+        for method in ("stock", *METHODS):
+            r = by[(mix, method)]
+            print(f"{mix:8s} {METHOD_LABEL[method]:24s} {r['size'] / 2**20:8.3f} {r['bpw']:6.3f} {r['ppl']:8.3f} "
+                  f"{r['kld_mean']:9.5f} {r['kld_p999']:9.4f} {r['same_top']:7.2f}%")
+    print()
+    print(f"{'size':8s} {'cal/stock mean':>14s} {'cal/stock 99.9%':>15s} {'cal/uncal':>9s} {'cal/ashq1':>9s} "
+          f"{'uncal/stock':>11s} {'ashq1/stock':>11s}")
+    checks: list[tuple[str, bool]] = []
+    for mix in mixes:
+        s, c, u, h = (by[(mix, m)] for m in ("stock", "cal", "uncal", "ashq1"))
+        rm, rp = c["kld_mean"] / s["kld_mean"], c["kld_p999"] / s["kld_p999"]
+        print(f"{mix:8s} {rm:14.3f} {rp:15.3f} {c['kld_mean'] / u['kld_mean']:9.3f} "
+              f"{c['kld_mean'] / h['kld_mean']:9.3f} {u['kld_mean'] / s['kld_mean']:11.3f} "
+              f"{h['kld_mean'] / s['kld_mean']:11.3f}")
+        checks.append((f"{mix}: calibrated mean KLD <= {MEAN_RATIO_TARGET}x stock ({rm:.3f}x)", rm <= MEAN_RATIO_TARGET))
+        checks.append((f"{mix}: calibrated 99.9% KLD <= stock ({c['kld_p999']:.4f} vs {s['kld_p999']:.4f})", rp <= 1.0))
+        checks.append((f"{mix}: calibrated beats the uncalibrated allocator ({c['kld_mean']:.5f} vs "
+                       f"{u['kld_mean']:.5f})", c["kld_mean"] < u["kld_mean"]))
+        checks.append((f"{mix}: calibrated beats ASHQ1 ({c['kld_mean']:.5f} vs {h['kld_mean']:.5f})",
+                       c["kld_mean"] < h["kld_mean"]))
+        checks.append((f"{mix}: file within the stock size ({c['size']} <= {s['size']} bytes)",
+                       max(c["size"], u["size"], h["size"]) <= s["size"]))
+    cal_means = [by[(m, "cal")]["kld_mean"] for m in mixes]
+    sizes = [by[(m, "cal")]["size"] for m in mixes]
+    order = sorted(range(len(mixes)), key=lambda i: sizes[i])
+    mono = all(cal_means[order[i + 1]] <= cal_means[order[i]] for i in range(len(order) - 1))
+    checks.append(("calibrated: more bytes never gives a worse mean KLD", mono))
+    r = cal.report or {}
+    print()
+    print(f"calibration: {r.get('n_fit', '?')} fit probes, {r.get('n_heldout', '?')} held out; Spearman(predicted, "
+          f"measured KLD) on held-out probes {r.get('spearman_heldout', float('nan')):.3f} calibrated vs "
+          f"{r.get('spearman_heldout_uncalibrated', float('nan')):.3f} uncalibrated")
+    print()
+    for text, good in checks:
+        print(f"{'PASS' if good else 'FAIL'}  {text}")
+    n_fail = sum(1 for _, g in checks if not g)
+    print(f"\n{len(checks) - n_fail}/{len(checks)} targets met; total {seconds / 60:.1f} min")
+    return n_fail == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--model", default=os.environ.get("SMOLLM2_DIR", "/tmp/smollm2"))
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES))
+    ap.add_argument("--quantizer", default="numpy,ggml", help="backends to time, comma-separated (numpy, ggml)")
     ap.add_argument("--keep", default=None, help="directory for the GGUF/imatrix/db (default: a temp dir)")
     a = ap.parse_args()
     model = Path(a.model)
@@ -70,16 +71,17 @@ def main() -> int:
         t_ref += dt
     print("reference llama-quantize per type: " + ", ".join(f"{t} {s:.1f}s" for t, s in per_type.items()))
 
-    db = work / "bench.db"
-    for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
-        p.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    s = run(model, db, imatrix_paths=[imat], types=types, workers=a.workers, progress=True)
-    t_ours = time.perf_counter() - t0
-    print(f"ours: {s.n_tensors} tensors x {s.n_types} types ({s.computed} results, {s.not_applicable} n/a) "
-          f"in {t_ours:.1f}s with {a.workers} workers")
-    print(f"reference: {len(types)} x llama-quantize in {t_ref:.1f}s ({os.cpu_count()} threads)")
-    print(f"ratio ours/reference = {t_ours / t_ref:.2f} (target <= 0.5)")
+    print(f"reference: {len(types)} x llama-quantize in {t_ref:.1f}s ({os.cpu_count()} threads)", flush=True)
+    for backend in a.quantizer.split(","):
+        db = work / f"bench-{backend}.db"
+        for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
+            p.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        s = run(model, db, imatrix_paths=[imat], types=types, workers=a.workers, progress=True, backend=backend)
+        t_ours = time.perf_counter() - t0
+        print(f"ours (--quantizer {backend}): {s.n_tensors} tensors x {s.n_types} types ({s.computed} results, "
+              f"{s.not_applicable} n/a) in {t_ours:.1f}s with {a.workers} workers")
+        print(f"ratio ours/reference [{backend}] = {t_ours / t_ref:.2f} (target <= 0.5)", flush=True)
     return 0
 
 

@@ -37,9 +37,12 @@ def _measure(argv: list[str]) -> int:
     p.add_argument("--db", required=True, type=Path)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quantizer", default="numpy", choices=["numpy", "ggml"],
+                   help="numpy: the converter's own quantizers (default); ggml: the reference libggml-base, same "
+                        "bytes, faster")
     a = p.parse_args(argv)
     s = run(a.model_dir, a.db, imatrix_paths=a.imatrix, combine=a.combine, types=parse_types(a.types),
-            workers=a.workers, progress=not a.no_progress)
+            workers=a.workers, progress=not a.no_progress, backend=a.quantizer)
     print(f"{s.db}: {s.n_tensors} tensors x {s.n_types} types: {s.computed} computed, {s.skipped} already done, "
           f"{s.not_applicable} not applicable, {s.seconds:.1f}s")
     return 0

@@ -58,13 +58,13 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def quantizer_version() -> str:
-    """Hash of the quantizer sources and gguf version: results from an older quantizer are not reused."""
+def quantizer_version(backend: str = "numpy") -> str:
+    """Hash of the quantizer sources, gguf version and backend: results from another quantizer are not reused."""
     import gguf
 
     import quants
 
-    h = hashlib.sha256(str(getattr(gguf, "__version__", "")).encode())
+    h = hashlib.sha256(f"{getattr(gguf, '__version__', '')}|{backend}".encode())
     qdir = Path(quants.__file__).parent
     for p in sorted(qdir.glob("*.py")):
         h.update(p.name.encode() + p.read_bytes())

@@ -49,15 +49,36 @@ def tensor_bytes(shape: tuple[int, ...], qtype: str) -> int:
     return n_rows * quants.row_bytes(qtype, int(shape[-1]))
 
 
-def quantize_tensor(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None) -> np.ndarray:
-    """Bytes of the whole tensor as the converter writes them (per-expert importance for 3-D tensors)."""
+BACKENDS = ("numpy", "ggml")
+
+
+def _quantize_2d(rows: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None,
+                 backend: str) -> np.ndarray:
+    if backend == "ggml" and qtype not in ("F32", "F16", "BF16"):
+        from llamacpp.ggml import ggml_quantize
+
+        rows = np.asarray(rows, dtype=np.float32)
+        out = ggml_quantize(rows.reshape(-1, rows.shape[-1]), int(quants.parse_type(qtype)), importance)
+        return out.reshape(*rows.shape[:-1], out.shape[-1])
+    return quants.quantize(rows, qtype, importance, name=name)
+
+
+def quantize_tensor(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None,
+                    backend: str = "numpy") -> np.ndarray:
+    """Bytes of the whole tensor as the converter writes them (per-expert importance for 3-D tensors).
+
+    backend "numpy" is the converter's own quantizer (`quants`); "ggml" calls the reference libggml-base, which
+    writes the same bytes (quants is bit-exact with it) several times faster, for measuring big models."""
+    if backend not in BACKENDS:
+        raise quants.QuantInputError(f"unknown quantizer backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if data.ndim == 3 and importance is not None and np.ndim(importance) == 2:
-        return np.stack([quants.quantize(data[e], qtype, importance[e], name=name) for e in range(data.shape[0])])
-    return quants.quantize(data, qtype, importance, name=name)
+        return np.stack([_quantize_2d(data[e], qtype, importance[e], name, backend) for e in range(data.shape[0])])
+    return _quantize_2d(data, qtype, importance, name, backend)
 
 
-def round_trip(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None) -> np.ndarray:
-    q = quantize_tensor(data, qtype, importance, name)
+def round_trip(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None,
+               backend: str = "numpy") -> np.ndarray:
+    q = quantize_tensor(data, qtype, importance, name, backend)
     return quants.dequantize(q, qtype).reshape(data.shape)
 
 
@@ -111,11 +132,11 @@ def error_stats(w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> 
 
 
 def measure_tensor(name: str, data: np.ndarray, qtype: str, importance: np.ndarray | None, *,
-                   tensor_class: str = "", layer: int | None = None) -> Measurement | None:
+                   tensor_class: str = "", layer: int | None = None, backend: str = "numpy") -> Measurement | None:
     """Measurement of one tensor at one type, or None when the type does not fit the row length."""
     if not applicable(data.shape, qtype):
         return None
-    r = round_trip(data, qtype, importance, name)
+    r = round_trip(data, qtype, importance, name, backend)
     e = error_stats(data, r, importance)
     n_bytes = tensor_bytes(data.shape, qtype)
     return Measurement(tensor=name, qtype=qtype, n_params=int(data.size), n_bytes=n_bytes,

@@ -221,3 +221,15 @@ def test_torch_imatrix_matches_llama_imatrix(arch, tiny_model, reference, calibr
                         str(tmp_path / "q.gguf"), "Q4_K_M", "2"], capture_output=True, text=True)
     assert q.returncode == 0, q.stderr[-1500:]
     assert "loaded" in q.stdout and "importance matrix entries" in q.stdout
+
+
+@pytest.mark.reference
+def test_ggml_backend_gives_identical_measurements(reference):
+    """--quantizer ggml is only an accelerator: same bytes, hence the same numbers, as the converter's quants."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 16, 512)).astype(np.float32)
+    imp = (rng.random((2, 512)) + 0.01).astype(np.float32)
+    for t in ("Q8_0", "Q6_K", "Q4_K", "Q4_1", "IQ4_XS", "Q2_K"):
+        a = measure_tensor("blk.0.ffn_up_exps.weight", w, t, imp, backend="numpy")
+        b = measure_tensor("blk.0.ffn_up_exps.weight", w, t, imp, backend="ggml")
+        assert a == b, t

@@ -80,7 +80,7 @@ def parse_kld_output(text: str, n_tokens: int) -> Metrics:
                    same_top=top, same_top_err=top_err, rms_dp=rms)
 
 
-ATTEMPTS = 4
+ATTEMPTS = 2
 
 
 def file_ppl(info: BaseLogits) -> Metrics:
@@ -145,19 +145,45 @@ class LlamaCppEngine:
             ppl, err = ppl_m.ppl, ppl_m.ppl_err
         return {"ppl": ppl, "ppl_err": err, "n_chunk": info.n_chunk, "n_vocab": info.n_vocab}
 
-    def compare(self, model: Path, base_raw: Path, n_ctx: int) -> Metrics:
+    def compare(self, model: Path, base_raw: Path, n_ctx: int, text: Path | None = None) -> Metrics:
         info = BaseLogits.open(base_raw)
         if info.n_chunk * scored_per_chunk(n_ctx) < 100:
             raise VerifyError(f"only {info.n_chunk * scored_per_chunk(n_ctx)} scored tokens; llama-perplexity "
                               f"prints KLD statistics from 100 on; use more --chunks or a larger --ctx")
         args = ["--kl-divergence-base", str(base_raw), "--kl-divergence", "-c", str(n_ctx)]
+        out = ""
         for _ in range(ATTEMPTS):
             out = self._run(args, model)
             if "Same top p:" in out:
                 return parse_kld_output(out, info.n_chunk * scored_per_chunk(n_ctx))
-            # llama.cpp's asynchronous logger can lose its last lines when the process exits (upstream
-            # issue 22142: the logger is leaked, not flushed); the result is deterministic, so run again
+            # llama.cpp's asynchronous logger can lose its last lines when the process exits (the logger is
+            # leaked, not flushed, upstream issue 22142); the result is deterministic, so run again
             if self.verbose:
                 print("[llamacpp] statistics lost at exit, re-running", flush=True)
+        if text is not None:
+            if self.verbose:
+                print("[llamacpp] statistics lost again; computing them from the candidate's saved log-probs",
+                      flush=True)
+            return self._compare_via_file(model, info, text)
         raise VerifyError(f"{model}: llama-perplexity printed no KL statistics in {ATTEMPTS} runs: "
                           f"{failure_message(out)}")
+
+    def _compare_via_file(self, model: Path, base: BaseLogits, text: Path) -> Metrics:
+        """Fallback when the printed statistics keep getting lost: llama-perplexity saves the candidate's own
+        16-bit log-probs (written synchronously, so never lost) and `verify.kld` compares the two files.
+        Differs from the printed numbers only by the candidate's 16-bit rounding (~1e-4 nats per entry)."""
+        import tempfile
+
+        from verify.kld import TokenStats, compare_logits, summarize
+
+        with tempfile.TemporaryDirectory(prefix="verify-cand-") as td:
+            raw = Path(td) / "cand.kld"
+            self._run(["-f", str(text), "-c", str(base.n_ctx), "--chunks", str(base.n_chunk),
+                       "--kl-divergence-base", str(raw)], model, text)
+            cand = BaseLogits.open(raw)
+            if cand.tokens.shape != base.tokens.shape or not np.array_equal(cand.tokens, base.tokens):
+                raise VerifyError(f"{model}: tokenizes the text differently from the base; same model?")
+            first = base.n_ctx // 2
+            parts = [compare_logits(decode_logprobs(np.asarray(cand.rows[c]), cand.n_vocab), np.asarray(base.rows[c]),
+                                    base.tokens[c, first + 1:]) for c in range(base.n_chunk)]
+        return summarize(TokenStats.concat(parts))

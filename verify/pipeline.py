@@ -152,7 +152,7 @@ class Evaluator:
                     raise VerifyError(f"{path}: GGUF not found")
                 self.check_vocab(path)
                 t0 = time.time()
-                m = self.engine.compare(path, raw, self.n_ctx)
+                m = self.engine.compare(path, raw, self.n_ctx, self.text)
                 size, bpw = gguf_size(path)
                 e = Entry(label, str(path), group, size, bpw, m, time.time() - t0)
                 self.log(f"  {label:<24} {size:8.1f} MiB {bpw:6.3f} bpw  PPL {m.ppl:.4f}  "

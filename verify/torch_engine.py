@@ -133,8 +133,8 @@ class GGUFModel:
     # --- building blocks -------------------------------------------------------------------------------------
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.hp.eps)
-        return x * self.w[name]
+        w = self.w[name]
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, self.hp.eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         y = x @ self.w[name + ".weight"].T
@@ -276,7 +276,7 @@ class TorchEngine:
         m = ppl_from_nll(np.concatenate(nll))
         return {"ppl": m.ppl, "ppl_err": m.ppl_err, "n_chunk": int(chunks.shape[0]), "n_vocab": model.hp.n_vocab}
 
-    def compare(self, model_path: Path, base_raw: Path, n_ctx: int):
+    def compare(self, model_path: Path, base_raw: Path, n_ctx: int, text: Path | None = None):
         base = BaseLogits.open(base_raw)
         model = GGUFModel(model_path, self.threads)
         return compare_model(model, base)

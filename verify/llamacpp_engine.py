@@ -47,14 +47,20 @@ def _clean(line: str) -> str:
     return _TS.sub("", line.strip())
 
 
-def failure_message(output: str) -> str:
-    """The most telling error line of a failed llama.cpp run."""
+def error_line(output: str) -> str | None:
+    """The most telling error line of a failed llama.cpp run, or None when it printed none."""
     lines = [_clean(ln) for ln in output.splitlines() if ln.strip()]
-    for pat in ("error loading model", "failed to read", "error:", "failed", "error", "unable"):
+    for pat in ("error loading model", "failed to quantize:", "failed to read", "error:", "failed", "error",
+                "unable"):
         for ln in lines:
             if pat in ln.lower():
                 return ln
-    return lines[-1] if lines else "no output"
+    return None
+
+
+def failure_message(output: str) -> str:
+    lines = [_clean(ln) for ln in output.splitlines() if ln.strip()]
+    return error_line(output) or (lines[-1] if lines else "no output")
 
 
 def _grab(pattern: str, text: str, what: str, n: int = 1) -> tuple[float, ...]:
@@ -122,8 +128,26 @@ class LlamaCppEngine:
                               f"{need.group(1) if need else 'twice --ctx'} (2 chunks of --ctx); use a longer text "
                               f"or a smaller --ctx")
         if proc.returncode != 0:
-            raise VerifyError(f"{model}: llama.cpp cannot evaluate it: {failure_message(out)}")
+            msg = error_line(out) or self._load_diagnosis(model) or (
+                f"llama-perplexity exited with status {proc.returncode} and no message")
+            raise VerifyError(f"{model}: llama.cpp cannot evaluate it: {msg}")
         return out
+
+    def _load_diagnosis(self, model: Path) -> str | None:
+        """llama-perplexity's logger is asynchronous and often loses everything when loading fails; the
+        reference llama-quantize loads through the same loader but logs synchronously, so ask it."""
+        quantize = self.binary.parent / "llama-quantize"
+        if not quantize.is_file():
+            return None
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="verify-diag-") as td:
+            proc = subprocess.run([str(quantize), str(model), str(Path(td) / "copy.gguf"), "COPY"],
+                                  capture_output=True, text=True, errors="replace")
+        if proc.returncode == 0:
+            return None
+        line = error_line(proc.stdout + "\n" + proc.stderr)
+        return re.sub(r"^.*?failed to quantize:\s*", "", line) if line else None
 
     def run_base(self, base: Path, text: Path, n_ctx: int, n_chunks: int | None, out_raw: Path) -> dict:
         args = ["-f", str(text), "-c", str(n_ctx), "--kl-divergence-base", str(out_raw)]

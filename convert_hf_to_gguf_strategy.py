@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,10 +108,29 @@ class ConvertSink:
     fallbacks: dict[str, list[tuple[str, str, str, int]]] = field(default_factory=lambda: defaultdict(list))
     n_tensors: int = 0
     n_with_importance: int = 0
+    validate: Any = None              # callable(list[TensorInfo]) raising UserError, run before anything is written
+    prefetcher: Prefetcher | None = None
+    _pending: list[Any] | None = None
+
+    def begin(self) -> None:
+        """Buffer what upstream emits (still lazy, so cheap) until `flush`: the whole tensor list is validated
+        against the strategy and the imatrix first, in the same pass, before any output exists."""
+        self._pending = []
+
+    def flush(self, model: Any) -> None:
+        pending, self._pending = self._pending or [], None
+        if self.validate is not None:
+            self.validate([em.info for em in pending])
+        pending.reverse()
+        while pending:
+            self(model, pending.pop())
 
     def __call__(self, model: Any, em: Any) -> None:
         import gguf
 
+        if self._pending is not None:
+            self._pending.append(em)
+            return
         info = em.info
         self.n_tensors += 1
         if em.raw:
@@ -127,7 +147,13 @@ class ConvertSink:
         note = f" (asked {requested}: rows of {info.n_per_row})" if requested and requested != final else ""
         logger.info(f"{info.name + ',':<40} {info.source_dtype:<8} --> {final}{note}, shape = {{{', '.join(map(str, info.ne))}}}"
                     + (" +imatrix" if importance is not None else ""))
-        model.write_raw_tensor(info.name, lazy_quantize(em.data, qtype, importance, info.name), raw_dtype=qtype)
+        if isinstance(em.data, gguf.LazyChunkedTensor):  # upstream streams it in chunks; keep that
+            if importance is not None:
+                logger.warning(f"{info.name}: written in chunks by upstream; importance not applied")
+            model.write_raw_tensor(info.name, em.data.quantize(qtype), raw_dtype=qtype)
+            return
+        data = QuantizedTensor(em.data, qtype, importance, info.name, self.prefetcher)
+        model.write_raw_tensor(info.name, data, raw_dtype=qtype)
 
     def choose(self, model: Any, em: Any) -> tuple[str, str | None]:
         """(final type name, requested type name or None when the tensor is not ours to choose)."""
@@ -212,30 +238,91 @@ def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: st
         raise UserError(str(e)) from None
 
 
-def lazy_quantize(data: Any, qtype: Any, importance: np.ndarray | None, name: str) -> Any:
-    """A lazy node (when `data` is lazy) that quantizes at write time with its arguments bound now."""
-    import gguf
+class Prefetcher:
+    """Quantizes the tensors after the one being written on worker threads (numpy releases the GIL in its
+    kernels), bounded by a byte budget of float32 input in flight so peak memory stays near one tensor."""
 
-    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
-    T = gguf.GGMLQuantizationType
-    out_dtype = np.float32 if qtype == T.F32 else np.float16 if qtype == T.F16 else np.uint8
+    def __init__(self, threads: int, budget_bytes: int = 64 * 2**20):
+        from concurrent.futures import ThreadPoolExecutor
 
-    def out_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-        if out_dtype is np.uint8:
-            return (*shape[:-1], shape[-1] // bs * ts)
-        return tuple(shape)
+        self.items: list[QuantizedTensor] = []
+        self.budget = budget_bytes
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="quantize") if threads > 1 else None
 
-    def fn(x: Any) -> np.ndarray:
-        return np.asarray(_quantize_now(x, qtype, importance, name)).astype(out_dtype, copy=False).reshape(
-            out_shape(tuple(x.shape)))
+    def add(self, item: QuantizedTensor) -> int:
+        self.items.append(item)
+        return len(self.items) - 1
 
-    if isinstance(data, gguf.LazyNumpyTensor):
-        return gguf.LazyNumpyTensor._wrap_fn(fn, meta_noop=(out_dtype, out_shape))(data)
-    if isinstance(data, gguf.LazyChunkedTensor):
-        if importance is not None:
-            logger.warning(f"{name}: written in chunks by upstream; importance not applied")
-        return data.quantize(qtype)
-    return fn(data)
+    def ensure(self, i: int) -> None:
+        """Item i and the following ones that fit the budget are queued (each at most once)."""
+        if self.pool is None:
+            return
+        ahead = 0
+        for j in range(i, len(self.items)):
+            if j > i:
+                ahead += self.items[j].in_bytes
+                if ahead > self.budget:
+                    break
+            self.items[j].submit(self.pool)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class QuantizedTensor:
+    """What the GGUF writer holds for one tensor: shape, dtype and nbytes now; the bytes when it writes them.
+
+    Type, importance and name are bound at construction (hook time), so evaluation order does not matter: the
+    prefetcher may compute it on a worker thread, or the writer inline."""
+
+    def __init__(self, source: Any, qtype: Any, importance: np.ndarray | None, name: str,
+                 prefetcher: Prefetcher | None = None):
+        import gguf
+
+        T = gguf.GGMLQuantizationType
+        bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+        in_shape = tuple(int(d) for d in source.shape)
+        self.dtype = np.dtype(np.float32 if qtype == T.F32 else np.float16 if qtype == T.F16 else np.uint8)
+        self.shape = in_shape if self.dtype != np.uint8 else (*in_shape[:-1], in_shape[-1] // bs * ts)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.in_bytes = int(np.prod(in_shape, dtype=np.int64)) * 4
+        self._source, self._qtype, self._importance, self._name = source, qtype, importance, name
+        self._swap = False
+        self._future: Any = None
+        self._lock = threading.Lock()
+        self._prefetcher = prefetcher
+        self._index = prefetcher.add(self) if prefetcher is not None else -1
+
+    def _compute(self) -> np.ndarray:
+        from catalog.hook import no_grad
+
+        source, self._source = self._source, None  # the lazy graph is released as soon as it is evaluated
+        with no_grad():
+            out = _quantize_now(source, self._qtype, self._importance, self._name)
+        return np.asarray(out).astype(self.dtype, copy=False).reshape(self.shape)
+
+    def submit(self, pool: Any) -> None:
+        with self._lock:
+            if self._future is None and self._source is not None:
+                self._future = pool.submit(self._compute)
+
+    def numpy(self) -> np.ndarray:
+        if self._prefetcher is not None:
+            self._prefetcher.ensure(self._index)
+        with self._lock:
+            future = self._future
+        out = future.result() if future is not None else self._compute()
+        self._future = None
+        return out.byteswap() if self._swap else out
+
+    def tofile(self, fout: Any) -> None:
+        self.numpy().tofile(fout)
+
+    def byteswap(self, inplace: bool = False) -> QuantizedTensor:
+        """Big-endian output (--bigendian): swapped when written."""
+        self._swap = not self._swap
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ the hooked run
@@ -310,7 +397,9 @@ def run_class(model_class: type, cfg: RunConfig) -> type:
             super().__init__(*args, **kwargs)
 
         def prepare_tensors(self) -> None:
+            sink.begin()
             super().prepare_tensors()
+            sink.flush(self)
             sink.report_fallbacks()
             # general.file_type and the default file name: the type covering most weights
             self.ftype = llama_file_type(sink.file_type_name())
@@ -363,6 +452,8 @@ def upstream_parser() -> tuple[Any, argparse.ArgumentParser]:
     g.add_argument("--default-type", default=None, help="type for tensors the strategy does not name")
     g.add_argument("--export-tensor-type-file", type=Path, default=None,
                    help="write the strategy as llama-quantize --tensor-type-file lines to this file and exit")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads quantizing the next tensors while one is written (default: all CPUs)")
     g.add_argument("--llama-cpp", default=None, metavar="DIR",
                    help="llama.cpp checkout to take the converter sources from (default: $LLAMA_CPP_DIR, cache)")
     return up, parser
@@ -509,26 +600,18 @@ def _main(argv: list[str]) -> int:
 
     policy = TypePolicy(plan=plan, default_type=default_type,
                         uniform=outtype if outtype.lower() in UPSTREAM_OUTTYPES else outtype.upper())
-    needs_catalog = plan is not None or args.imatrix or args.export_tensor_type_file is not None
-    infos = None
-    if needs_catalog and not args.remote:
+    if args.export_tensor_type_file is not None:
         import catalog
 
         try:
             infos = catalog.list_tensors(model_dir)
+            if plan is not None:
+                validate_plan(plan, [i.name for i in infos], source=str(args.strategy))
         except ModelInputError as e:
             raise UserError(str(e)) from None
-    if plan is not None and infos is not None:
-        try:
-            validate_plan(plan, [i.name for i in infos], source=str(args.strategy))
         except PlanError as e:
             raise UserError(str(e)) from None
-
-    if args.export_tensor_type_file is not None:
-        assert infos is not None
-        eff = policy.effective_plan()
-        names = [i.name for i in infos if i.quantizable]
-        lines = tensor_type_file_lines(eff, names)
+        lines = tensor_type_file_lines(policy.effective_plan(), [i.name for i in infos if i.quantizable])
         out = args.export_tensor_type_file
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -541,26 +624,39 @@ def _main(argv: list[str]) -> int:
     extra_kv: dict[str, Any] = {}
     if args.imatrix:
         imatrix = _load_imatrix(args.imatrix)
-        if infos is not None:
+        extra_kv.update(_imatrix_kv(imatrix, args.imatrix))
+
+    def validate(infos: list[Any]) -> None:
+        """Strategy names and imatrix entries against the tensors upstream emits (this same pass)."""
+        if plan is not None:
+            try:
+                validate_plan(plan, [i.name for i in infos], source=str(args.strategy))
+            except PlanError as e:
+                raise UserError(str(e)) from None
+        if imatrix is not None:
             from measure.imatrix import ImatrixError
 
             try:  # another model: no entry names one of our tensors, or sizes disagree
                 imatrix.check_model([(i.name, i.shape) for i in infos if i.quantizable])
             except ImatrixError as e:
                 raise UserError(str(e)) from None
-        extra_kv.update(_imatrix_kv(imatrix, args.imatrix))
+
     if plan is not None or default_type is not None or outtype.lower() not in UPSTREAM_OUTTYPES or imatrix:
         extra_kv[STRATEGY_DIGEST_KEY] = policy.effective_plan().digest()
         if args.strategy is not None:
             extra_kv[STRATEGY_FILE_KEY] = args.strategy.name[:127]
 
-    sink = ConvertSink(policy=policy, imatrix=imatrix)
+    prefetcher = Prefetcher(max(1, args.threads))
+    sink = ConvertSink(policy=policy, imatrix=imatrix, validate=validate, prefetcher=prefetcher)
     cfg = RunConfig(sink=sink, extra_kv=extra_kv)
     upstream_args = argparse.Namespace(**vars(args))
     upstream_args.outtype = "f16"  # the hook's base: upstream asks F16 for tensors it would convert
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
-    with _hooked_upstream(up, cfg, upstream_args):
-        up.main()
+    try:
+        with _hooked_upstream(up, cfg, upstream_args):
+            up.main()
+    finally:
+        prefetcher.close()
     if sink.n_tensors:
         logger.info(f"{sink.n_tensors} tensors; most weights in {sink.file_type_name()}; "
                     f"{sink.n_with_importance} quantized with importance")

@@ -40,9 +40,12 @@ def _measure(argv: list[str]) -> int:
     p.add_argument("--quantizer", default="numpy", choices=["numpy", "ggml"],
                    help="numpy: the converter's own quantizers (default); ggml: the reference libggml-base, same "
                         "bytes, faster")
+    p.add_argument("--sample", type=float, default=1.0,
+                   help="fraction of each tensor's rows to round-trip (default 1: all; e.g. 0.25 estimates the "
+                        "errors from a quarter of the rows, sizes stay exact)")
     a = p.parse_args(argv)
     s = run(a.model_dir, a.db, imatrix_paths=a.imatrix, combine=a.combine, types=parse_types(a.types),
-            workers=a.workers, progress=not a.no_progress, backend=a.quantizer)
+            workers=a.workers, progress=not a.no_progress, backend=a.quantizer, sample=a.sample)
     print(f"{s.db}: {s.n_tensors} tensors x {s.n_types} types: {s.computed} computed, {s.skipped} already done, "
           f"{s.not_applicable} not applicable, {s.seconds:.1f}s")
     return 0

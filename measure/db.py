@@ -72,8 +72,9 @@ def quantizer_version(backend: str = "numpy") -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(model_fp: str, imatrix_fp: str | None, quant_version: str) -> str:
-    return hashlib.sha256(f"{model_fp}|{imatrix_fp or 'none'}|{quant_version}".encode()).hexdigest()[:16]
+def run_key(model_fp: str, imatrix_fp: str | None, quant_version: str, sample: float = 1.0) -> str:
+    extra = "" if sample >= 1.0 else f"|sample={sample:.6g}"
+    return hashlib.sha256(f"{model_fp}|{imatrix_fp or 'none'}|{quant_version}{extra}".encode()).hexdigest()[:16]
 
 
 def result_fingerprint(key: str, qtype: str) -> str:
@@ -89,7 +90,7 @@ CREATE TABLE IF NOT EXISTS results (
     run_key TEXT NOT NULL, tensor TEXT NOT NULL, qtype TEXT NOT NULL, fingerprint TEXT NOT NULL,
     applicable INTEGER NOT NULL, n_params INTEGER, n_bytes INTEGER, bpw REAL, rmse REAL, max_abs_err REAL,
     wmse REAL, rel_err REAL, cos REAL, tensor_class TEXT, layer INTEGER, seconds REAL, created REAL,
-    PRIMARY KEY (run_key, tensor, qtype));
+    sample REAL NOT NULL DEFAULT 1.0, PRIMARY KEY (run_key, tensor, qtype));
 """
 
 
@@ -155,20 +156,21 @@ class MeasurementDB:
             "model_fingerprint": m.get("model_fingerprint"), "model_dir": m.get("model_dir"),
             "imatrix": json.loads(m.get("imatrix_paths", "[]")), "imatrix_fingerprint": m.get("imatrix_fingerprint"),
             "quantizer_version": m.get("quantizer_version"), "run_key": m.get("run_key"),
-            "types": json.loads(m.get("types", "[]")),
+            "types": json.loads(m.get("types", "[]")), "sample": float(m.get("sample", "1.0")),
         }
 
     def bind(self, *, model_fp: str, model_dir: str, imatrix_fp: str | None, imatrix_paths: list[str],
-             quant_version: str, types: list[str]) -> str:
+             quant_version: str, types: list[str], sample: float = 1.0) -> str:
         """Claim this db for a model (refusing another model's db); returns the run key results go under."""
         m = self.meta()
         if m.get("model_fingerprint") and m["model_fingerprint"] != model_fp:
             raise DBError(f"{self.path}: this database holds measurements of another model ({m.get('model_dir')}, "
                           f"fingerprint {m['model_fingerprint']}, this one is {model_fp}); use another --db file")
-        key = run_key(model_fp, imatrix_fp, quant_version)
+        key = run_key(model_fp, imatrix_fp, quant_version, sample)
         vals = {"schema_version": str(SCHEMA_VERSION), "model_fingerprint": model_fp, "model_dir": model_dir,
                 "imatrix_fingerprint": imatrix_fp or "", "imatrix_paths": json.dumps(imatrix_paths),
-                "quantizer_version": quant_version, "run_key": key, "types": json.dumps(types)}
+                "quantizer_version": quant_version, "run_key": key, "types": json.dumps(types),
+                "sample": str(sample)}
         with self._tx():
             self.con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", vals.items())
         return key
@@ -206,12 +208,14 @@ class MeasurementDB:
         """One result, one transaction: after a kill it is either fully there or absent."""
         fp = result_fingerprint(key, qtype)
         if m is None:
-            row = (key, tensor, qtype, fp, 0) + (None,) * 10 + (seconds, time.time())
+            row = (key, tensor, qtype, fp, 0) + (None,) * 10 + (seconds, time.time(), 1.0)
         else:
             row = (key, tensor, qtype, fp, 1, m.n_params, m.n_bytes, m.bpw, m.rmse, m.max_abs_err, m.wmse, m.rel_err,
-                   m.cos, m.tensor_class, m.layer, seconds, time.time())
+                   m.cos, m.tensor_class, m.layer, seconds, time.time(), m.sample)
         with self._tx():
-            self.con.execute("INSERT OR REPLACE INTO results VALUES (" + ",".join("?" * 17) + ")", row)
+            self.con.execute("INSERT OR REPLACE INTO results (run_key, tensor, qtype, fingerprint, applicable, n_params, "
+                             "n_bytes, bpw, rmse, max_abs_err, wmse, rel_err, cos, tensor_class, layer, seconds, "
+                             "created, sample) VALUES (" + ",".join("?" * 18) + ")", row)
 
     def measurements(self, key: str | None = None, *, include_na: bool = False) -> list[Measurement]:
         """Every applicable result of the latest run (or of `key`), as Measurement records."""
@@ -220,7 +224,7 @@ class MeasurementDB:
             return []
         cur = self.con.execute(
             "SELECT tensor, qtype, n_params, n_bytes, bpw, rmse, max_abs_err, wmse, rel_err, cos, tensor_class, layer, "
-            "applicable FROM results WHERE run_key = ? ORDER BY rowid", (key,))
+            "sample, applicable FROM results WHERE run_key = ? ORDER BY rowid", (key,))
         out = []
         for row in cur.fetchall():
             if not row[-1]:

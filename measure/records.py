@@ -26,6 +26,7 @@ class Measurement:
     cos: float
     tensor_class: str = ""   # attn_q, ffn_down, ffn_down_exps, token_embd, output...
     layer: int | None = None  # block index, None for non-block tensors
+    sample: float = 1.0      # fraction of the tensor's rows round-tripped (1.0: every row; < 1: estimates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

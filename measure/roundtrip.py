@@ -131,14 +131,38 @@ def error_stats(w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> 
     )
 
 
+MIN_SAMPLE_ROWS = 256
+
+
+def sample_rows(data: np.ndarray, fraction: float, name: str, min_rows: int = MIN_SAMPLE_ROWS) -> np.ndarray:
+    """A fixed (name-seeded) subset of rows, the same count from every expert; the whole tensor if fraction >= 1.
+
+    Every type here quantizes each row on its own (given the importance), so the sampled rows' errors are exactly
+    the errors those rows get in the full tensor: the statistics are unbiased estimates, max_abs_err a lower bound."""
+    n_rows = data.shape[-2] if data.ndim >= 2 else 1
+    k = max(min_rows, int(np.ceil(fraction * n_rows)))
+    if fraction >= 1.0 or data.ndim < 2 or k >= n_rows:
+        return np.asarray(data)
+    import zlib
+
+    rows = np.sort(np.random.default_rng(zlib.crc32(name.encode())).choice(n_rows, size=k, replace=False))
+    return np.ascontiguousarray(np.asarray(data)[..., rows, :])
+
+
 def measure_tensor(name: str, data: np.ndarray, qtype: str, importance: np.ndarray | None, *,
-                   tensor_class: str = "", layer: int | None = None, backend: str = "numpy") -> Measurement | None:
-    """Measurement of one tensor at one type, or None when the type does not fit the row length."""
+                   tensor_class: str = "", layer: int | None = None, backend: str = "numpy",
+                   sample: float = 1.0) -> Measurement | None:
+    """Measurement of one tensor at one type, or None when the type does not fit the row length.
+
+    `sample` < 1 round-trips only that fraction of rows (at least MIN_SAMPLE_ROWS); sizes stay exact."""
     if not applicable(data.shape, qtype):
         return None
-    r = round_trip(data, qtype, importance, name, backend)
-    e = error_stats(data, r, importance)
+    part = sample_rows(data, sample, name)
+    r = round_trip(part, qtype, importance, name, backend)
+    e = error_stats(part, r, importance)
     n_bytes = tensor_bytes(data.shape, qtype)
-    return Measurement(tensor=name, qtype=qtype, n_params=int(data.size), n_bytes=n_bytes,
-                       bpw=8.0 * n_bytes / data.size, rmse=e.rmse, max_abs_err=e.max_abs_err, wmse=e.wmse,
-                       rel_err=e.rel_err, cos=e.cos, tensor_class=tensor_class, layer=layer)
+    n = int(np.prod(data.shape))
+    return Measurement(tensor=name, qtype=qtype, n_params=n, n_bytes=n_bytes,
+                       bpw=8.0 * n_bytes / n, rmse=e.rmse, max_abs_err=e.max_abs_err, wmse=e.wmse,
+                       rel_err=e.rel_err, cos=e.cos, tensor_class=tensor_class, layer=layer,
+                       sample=float(part.size) / n)

@@ -74,12 +74,14 @@ def _worker_init() -> None:
 
 
 def _measure_unit(path: str, name: str, qtype: str, importance: np.ndarray | None, cls: str,
-                  layer: int | None, backend: str = "numpy") -> tuple[str, str, Measurement | None, float]:
+                  layer: int | None, backend: str = "numpy", sample: float = 1.0
+                  ) -> tuple[str, str, Measurement | None, float]:
     from measure.roundtrip import measure_tensor
 
     t0 = time.perf_counter()
     data = np.load(path, mmap_mode="r")
-    m = measure_tensor(name, np.asarray(data), qtype, importance, tensor_class=cls, layer=layer, backend=backend)
+    m = measure_tensor(name, np.asarray(data), qtype, importance, tensor_class=cls, layer=layer, backend=backend,
+                       sample=sample)
     return name, qtype, m, time.perf_counter() - t0
 
 
@@ -100,7 +102,8 @@ def _shm_root() -> Path:
 
 def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_paths: Sequence[str | os.PathLike] = (),
         combine: str = "mean", types: Sequence[str] | None = None, workers: int | None = None,
-        progress: bool = True, tensors: Sequence[str] | None = None, backend: str = "numpy") -> RunSummary:
+        progress: bool = True, tensors: Sequence[str] | None = None, backend: str = "numpy",
+        sample: float = 1.0) -> RunSummary:
     """Measure and store; raises catalog.ModelInputError / ImatrixError / DBError for bad input."""
     import catalog
     from measure.db import DBError, MeasurementDB, model_fingerprint, quantizer_version
@@ -108,6 +111,8 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
     from measure.roundtrip import DEFAULT_TYPES, applicable
 
     t_start = time.monotonic()
+    if not 0.0 < sample <= 1.0:
+        raise DBError(f"--sample {sample}: must be a fraction in (0, 1]")
     if backend == "ggml":
         from llamacpp.ggml import load_libggml
         from llamacpp.reference import ReferenceNotFound
@@ -129,7 +134,7 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
         key = db.bind(model_fp=model_fingerprint(model_dir), model_dir=str(model_dir.resolve()),
                       imatrix_fp=imat.fingerprint() if imat else None,
                       imatrix_paths=[str(Path(p).resolve()) for p in imatrix_paths],
-                      quant_version=quantizer_version(backend), types=types)
+                      quant_version=quantizer_version(backend), types=types, sample=sample)
         db.put_tensors((i.name, i.shape, i.n_params, i.cls, i.layer, i.quantizable,
                         (c.describe() if imat is not None and (c := imat.coverage(i.name)) else None)) for i in infos)
         done = db.done(key)
@@ -152,7 +157,7 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
         n_workers = max(1, workers or os.cpu_count() or 1)
         computed = 0
         if todo:
-            computed = _execute(model_dir, db, key, todo, by_name, imat, n_workers, bar, backend)
+            computed = _execute(model_dir, db, key, todo, by_name, imat, n_workers, bar, backend, sample)
         bar.close()
     finally:
         db.close()
@@ -160,7 +165,7 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
 
 
 def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name: dict, imat, n_workers: int,
-             bar: Progress, backend: str) -> int:
+             bar: Progress, backend: str, sample: float) -> int:
     import catalog
 
     shm = Path(tempfile.mkdtemp(prefix=f"measure-tensors-{os.getpid()}-", dir=_shm_root()))
@@ -196,14 +201,14 @@ def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name:
             if pool is None:
                 np.save(path, data)
                 for t in todo[info.name]:
-                    record(*_measure_unit(str(path), info.name, t, imp, info.cls, info.layer, backend))
+                    record(*_measure_unit(str(path), info.name, t, imp, info.cls, info.layer, backend, sample))
                 continue
             np.save(path, np.ascontiguousarray(data, dtype=np.float32))
             del data
             for t in todo[info.name]:
                 while len(pending) >= max_inflight:
                     collect(block=True)
-                pending.add(pool.submit(_measure_unit, str(path), info.name, t, imp, info.cls, info.layer, backend))
+                pending.add(pool.submit(_measure_unit, str(path), info.name, t, imp, info.cls, info.layer, backend, sample))
                 collect(block=False)
         while pending:
             collect(block=True)

@@ -233,3 +233,25 @@ def test_ggml_backend_gives_identical_measurements(reference):
         a = measure_tensor("blk.0.ffn_up_exps.weight", w, t, imp, backend="numpy")
         b = measure_tensor("blk.0.ffn_up_exps.weight", w, t, imp, backend="ggml")
         assert a == b, t
+
+
+def test_row_sampling_is_exact_per_row_and_close_overall():
+    """Rows quantize independently, so sampled rows carry exactly their full-tensor errors; totals are estimates."""
+    from measure.roundtrip import round_trip, sample_rows
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((2048, 256)) * rng.random(256) * 3).astype(np.float32)
+    imp = (rng.random(256) + 0.01).astype(np.float32)
+    full = round_trip(w, "Q4_K", imp)
+    part = sample_rows(w, 0.25, "blk.3.ffn_up.weight")
+    assert part.shape == (512, 256)
+    rows = [int(np.flatnonzero((w == r).all(axis=1))[0]) for r in part[:20]]
+    np.testing.assert_array_equal(round_trip(part, "Q4_K", imp)[:20], full[rows])
+    a = measure_tensor("blk.3.ffn_up.weight", w, "Q4_K", imp)
+    b = measure_tensor("blk.3.ffn_up.weight", w, "Q4_K", imp, sample=0.25)
+    assert a.sample == 1.0 and b.sample == pytest.approx(0.25)
+    assert (a.n_bytes, a.bpw, a.n_params) == (b.n_bytes, b.bpw, b.n_params)
+    assert b.rmse == pytest.approx(a.rmse, rel=0.05) and b.wmse == pytest.approx(a.wmse, rel=0.05)
+    assert b.max_abs_err <= a.max_abs_err
+    small = rng.standard_normal((100, 256)).astype(np.float32)  # fewer rows than the minimum: measured whole
+    assert measure_tensor("x", small, "Q8_0", None, sample=0.1).sample == 1.0

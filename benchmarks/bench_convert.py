@@ -54,6 +54,15 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
+def tensor_types(path: Path) -> dict[str, str]:
+    from llamacpp.upstream import activate
+
+    activate()
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("SMOLLM2_DIR"), help="SmolLM2 checkpoint (default $SMOLLM2_DIR)")
@@ -99,8 +108,7 @@ def main() -> int:
             print(f"run {i + 1}: one-pass {one_w[-1]:.2f}s {one_r[-1] / 2**20:.0f} MiB | two-step "
                   f"{two_w[-1]:.2f}s (convert {step[-1][0]:.2f}s + quantize {step[-1][1]:.2f}s) "
                   f"{two_r[-1] / 2**20:.0f} MiB", file=sys.stderr)
-        size_one = (tmp / "one.gguf").stat().st_size
-        size_two = (tmp / "two.gguf").stat().st_size
+        same_types = tensor_types(tmp / "one.gguf") == tensor_types(tmp / "two.gguf")
 
     wall_ratio = statistics.median(one_w) / statistics.median(two_w)
     rss_ratio = statistics.median(one_r) / statistics.median(two_r)
@@ -110,7 +118,7 @@ def main() -> int:
         "one_pass_rss_mib": round(statistics.median(one_r) / 2**20, 1),
         "two_step_rss_mib": round(statistics.median(two_r) / 2**20, 1),
         "wall_ratio": round(wall_ratio, 3), "rss_ratio": round(rss_ratio, 3),
-        "same_size": size_one == size_two,
+        "same_tensor_types": same_types,  # bytes differ: the two-step path quantizes F16-rounded weights
         "wall_target": WALL_TARGET, "rss_target": RSS_TARGET,
         "pass": wall_ratio <= WALL_TARGET and rss_ratio <= RSS_TARGET,
     }

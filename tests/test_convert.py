@@ -130,12 +130,19 @@ def two_step_parity(tiny_or_dir: Path, tmp: Path, reference, plan: dict, imatrix
 
 
 def perplexity_runs(reference, model: Path, evaluation_text: Path) -> None:
+    """llama.cpp loads the file and evaluates it: llama-perplexity exits 0 and its --kl-divergence-base output
+    (the log-probs of every chunk, written synchronously) is complete; printed values must be finite."""
+    base = model.with_suffix(".logprobs")
     p = subprocess.run([str(reference.tool("llama-perplexity")), "-m", str(model), "-f", str(evaluation_text),
-                        "-c", "128", "--chunks", "3", "-t", "2"], capture_output=True, text=True, timeout=300)
+                        "-c", "128", "--chunks", "3", "-t", "2", "--kl-divergence-base", str(base)],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    # llama.cpp logs from a worker thread and may drop the last lines when piped; the per-chunk values suffice
+    # 3 chunks x 63 scored tokens x n_vocab (>= 512 here) x 2 bytes
+    assert base.is_file() and base.stat().st_size >= 3 * 63 * 512 * 2, "log-probs missing: evaluation did not finish"
+    # llama.cpp logs from a worker thread and may drop the last lines when piped: values only when present
     ppl = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+|nan|inf)", p.stdout + p.stderr)]
-    assert ppl and all(np.isfinite(ppl)), (p.stdout + p.stderr)[-2000:]
+    assert all(np.isfinite(ppl)), (p.stdout + p.stderr)[-2000:]
+    base.unlink()
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -173,33 +180,52 @@ def test_fallbacks_match_llama_quantize(tiny_model, tmp_path, reference, evaluat
 
 
 @pytest.fixture(scope="session")
-def tiny_imatrix(tiny_model, tmp_path_factory, reference, calibration_text):
-    """A real imatrix from the reference llama-imatrix on the tiny llama (GGUF format)."""
-    tmp = tmp_path_factory.mktemp("imatrix")
-    model = tiny_model("llama")
-    f32 = upstream_f32(model, tmp / "f32.gguf")
-    out = tmp / "imatrix.gguf"
-    p = subprocess.run([str(reference.tool("llama-imatrix")), "-m", str(f32), "-f", str(calibration_text),
-                        "-c", "128", "--chunks", "4", "-o", str(out), "-t", "2"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return model, out
+def make_imatrix(tiny_model, tmp_path_factory, reference, calibration_text):
+    """make_imatrix(arch) -> (model dir, imatrix.gguf) from the reference llama-imatrix (cached per arch)."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def make(arch: str) -> tuple[Path, Path]:
+        if arch not in cache:
+            tmp = tmp_path_factory.mktemp(f"imatrix-{arch}")
+            model = tiny_model(arch)
+            f32 = upstream_f32(model, tmp / "f32.gguf")
+            out = tmp / "imatrix.gguf"
+            p = subprocess.run([str(reference.tool("llama-imatrix")), "-m", str(f32), "-f", str(calibration_text),
+                                "-c", "128", "--chunks", "4", "-o", str(out), "-t", "2"], capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr[-2000:]
+            cache[arch] = (model, out)
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_imatrix(make_imatrix):
+    return make_imatrix("llama")
 
 
 @pytest.mark.reference
 @pytest.mark.slow
-def test_imatrix_strategy_matches_llama_quantize(tiny_imatrix, tmp_path, reference, evaluation_text):
+@pytest.mark.parametrize("arch,fmt", [("llama", "gguf"), ("mixtral", "gguf"), ("llama", "dat")])
+def test_imatrix_strategy_matches_llama_quantize(make_imatrix, tmp_path, reference, evaluation_text, arch, fmt):
+    """Same plan, same imatrix (GGUF or legacy .dat; MoE: one importance row per expert) -> same bytes and the
+    same quantize.imatrix.* keys as llama-quantize."""
     pytest.importorskip("measure.imatrix")
     import catalog
+    from measure.imatrix import load_imatrix, save_imatrix_dat
 
-    model, imatrix = tiny_imatrix
+    model, imatrix = make_imatrix(arch)
+    if fmt == "dat":
+        imatrix = save_imatrix_dat(tmp_path / "imatrix.dat", load_imatrix([imatrix]))
     types = available_types()
     plan = mixed_plan(catalog.list_tensors(model), types)
     ours, diffs = two_step_parity(model, tmp_path, reference, plan, imatrix=imatrix)
     assert diffs == [], "\n".join(diffs)
-    kv = read_kv(ours)
-    assert kv["quantize.imatrix.file"] == str(imatrix)
-    assert kv["quantize.imatrix.entries_count"] > 0
-    assert kv["quantize.imatrix.chunks_count"] == 4
+    kv, ref_kv = read_kv(ours), read_kv(tmp_path / "ref.gguf")
+    keys = [k for k in ref_kv if k.startswith("quantize.imatrix.")]
+    assert "quantize.imatrix.entries_count" in keys
+    assert {k: kv.get(k) for k in keys} == {k: ref_kv[k] for k in keys}
+    assert kv[cs.STRATEGY_DIGEST_KEY]
     perplexity_runs(reference, ours, evaluation_text)
 
 

@@ -633,6 +633,11 @@ def _main(argv: list[str]) -> int:
                 validate_plan(plan, [i.name for i in infos], source=str(args.strategy))
             except PlanError as e:
                 raise UserError(str(e)) from None
+            fixed = [i for i in infos if i.name in plan.tensors and not i.quantizable]
+            if fixed:
+                logger.warning(f"{args.strategy}: {len(fixed)} named tensor(s) are never quantized by llama.cpp and "
+                               f"keep their type: " + ", ".join(f"{i.name} ({i.fixed_type})" for i in fixed[:5])
+                               + (" ..." if len(fixed) > 5 else ""))
         if imatrix is not None:
             from measure.imatrix import ImatrixError
 

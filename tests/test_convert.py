@@ -452,3 +452,32 @@ def test_error_imatrix_truncated(tiny_imatrix, tmp_path):
     bad.write_bytes(imatrix.read_bytes()[: imatrix.stat().st_size // 2])
     line = one_line_error(run_cli(model, "--outtype", "q4_k", "--imatrix", bad, check=False))
     assert "cut.gguf" in line
+
+
+def test_split_and_vocab_only_keep_working(tiny_model, tmp_path):
+    """Upstream options pass through: --split-max-tensors shards (atomically renamed), --vocab-only."""
+    import gguf
+
+    model = tiny_model("llama")
+    assert cs.main([str(model), "--outtype", "q6_k", "--split-max-tensors", "8",
+                    "--outfile", str(tmp_path / "m.gguf")]) == 0
+    shards = sorted(p.name for p in tmp_path.iterdir())
+    assert shards == ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"]
+    types = {t.tensor_type.name for s in shards for t in gguf.GGUFReader(tmp_path / s).tensors}
+    assert types == {"Q6_K", "F32"}
+    assert cs.main([str(model), "--vocab-only", "--outfile", str(tmp_path / "v.gguf")]) == 0
+    r = gguf.GGUFReader(tmp_path / "v.gguf")
+    assert len(r.tensors) == 0 and "tokenizer.ggml.tokens" in r.fields
+
+
+def test_strategy_entry_for_never_quantized_tensor_keeps_f32(tiny_model, tmp_path, caplog):
+    model = tiny_model("mixtral")
+    plan = tmp_path / "p.yaml"
+    plan.write_text("format: gguf-strategy/1\ndefault_type: Q4_K\n"
+                    "tensors: {blk.0.ffn_gate_inp.weight: Q4_K, blk.0.attn_norm.weight: Q8_0}\n")
+    out = tmp_path / "o.gguf"
+    assert cs.main([str(model), "--strategy", str(plan), "--outfile", str(out)]) == 0
+    t = read_tensors(out)
+    assert t["blk.0.ffn_gate_inp.weight"][0] == "F32" and t["blk.0.attn_norm.weight"][0] == "F32"
+    assert t["blk.0.ffn_down_exps.weight"][0] == "Q4_K"
+    assert "never quantized" in caplog.text

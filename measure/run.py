@@ -172,6 +172,7 @@ def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name:
     remaining = {n: len(v) for n, v in todo.items()}
     computed = 0
     max_inflight = 3 * n_workers
+    pool = None
     try:
         pool = ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init) if n_workers > 1 else None
         pending: set[Future] = set()
@@ -212,9 +213,9 @@ def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name:
                 collect(block=False)
         while pending:
             collect(block=True)
-        if pool is not None:
-            pool.shutdown()
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(shm, ignore_errors=True)
     return computed
 

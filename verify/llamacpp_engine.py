@@ -86,7 +86,7 @@ def parse_kld_output(text: str, n_tokens: int) -> Metrics:
                    same_top=top, same_top_err=top_err, rms_dp=rms)
 
 
-ATTEMPTS = 2
+ATTEMPTS = 3
 
 
 def file_ppl(info: BaseLogits) -> Metrics:
@@ -176,7 +176,8 @@ class LlamaCppEngine:
                               f"prints KLD statistics from 100 on; use more --chunks or a larger --ctx")
         args = ["--kl-divergence-base", str(base_raw), "--kl-divergence", "-c", str(n_ctx)]
         out = ""
-        for _ in range(ATTEMPTS):
+        attempts = 1 if text is not None else ATTEMPTS  # with the text, the file fallback is one run away
+        for _ in range(attempts):
             out = self._run(args, model)
             if "Same top p:" in out:
                 return parse_kld_output(out, info.n_chunk * scored_per_chunk(n_ctx))
@@ -189,7 +190,8 @@ class LlamaCppEngine:
                 print("[llamacpp] statistics lost again; computing them from the candidate's saved log-probs",
                       flush=True)
             return self._compare_via_file(model, info, text)
-        raise VerifyError(f"{model}: llama-perplexity printed no KL statistics in {ATTEMPTS} runs: "
+        raise VerifyError(f"{model}: llama-perplexity printed no KL statistics in {attempts} runs "
+                          f"(pass the text to compare() to fall back to its saved log-probs): "
                           f"{failure_message(out)}")
 
     def _compare_via_file(self, model: Path, base: BaseLogits, text: Path) -> Metrics:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import quants
 from verify import VerifyError
 from verify.kld import Metrics, TokenStats, compare_logits, encode_logprobs, ppl_from_nll, summarize
 from verify.logits_cache import DEFAULT_CACHE_DIR
@@ -121,6 +122,7 @@ class ProbeSession:
         self.tokens = chunk_tokens(toks, n_ctx, n_chunks, bos=hp.bos if hp.add_bos else None, source=text)
         self.inputs = torch.from_numpy(np.stack([chunk_input(t, hp) for t in self.tokens]).astype(np.int64))
         self.originals = dict(self.model.w)
+        self.original_types = dict(self.model.qtypes)
         self._memo: dict[tuple, torch.Tensor] = {}
         # one pass over the base: hidden state entering each layer (index n_layer = final), and the base rows
         self.hidden: list[list[torch.Tensor]] = []
@@ -174,6 +176,7 @@ class ProbeSession:
         for name, qtype in replace.items():
             imp = None if importance is None else importance.get(name)
             self.model.w[name] = self._replacement(name, qtype, imp)
+            self.model.qtypes[name] = quants.parse_type(qtype)
         tq = time.time() - t0
         hp = self.model.hp
         start = min((layer_of(n, hp.n_layer) for n in replace), default=hp.n_layer)
@@ -195,5 +198,6 @@ class ProbeSession:
                                                     self.tokens[b0 + j, self.first + 1:]))
         finally:
             self.model.w.update({n: self.originals[n] for n in replace})
+            self.model.qtypes.update({n: self.original_types[n] for n in replace})
         return ProbeResult(summarize(TokenStats.concat(parts)), time.time() - t0, tq, start,
                            {k: str(v) for k, v in replace.items()})

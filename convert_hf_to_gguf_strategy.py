@@ -564,7 +564,9 @@ def _main(argv: list[str]) -> int:
         raise UserError(str(e)) from None
     up, parser = upstream_parser()
     args = parser.parse_args(argv)
-    if args.print_supported_models or args.model is None:
+    if args.model is None and not args.print_supported_models:
+        parser.error("the following arguments are required: model")
+    if args.print_supported_models:
         up.parse_args = lambda: args
         up.main()
         return 0

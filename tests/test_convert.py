@@ -481,3 +481,8 @@ def test_strategy_entry_for_never_quantized_tensor_keeps_f32(tiny_model, tmp_pat
     assert t["blk.0.ffn_gate_inp.weight"][0] == "F32" and t["blk.0.attn_norm.weight"][0] == "F32"
     assert t["blk.0.ffn_down_exps.weight"][0] == "Q4_K"
     assert "never quantized" in caplog.text
+
+
+def test_cli_without_model_is_a_usage_error():
+    p = run_cli(check=False)
+    assert p.returncode == 2 and "required: model" in p.stderr and "Traceback" not in p.stderr

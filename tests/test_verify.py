@@ -276,11 +276,14 @@ def test_probe_matches_quantized_gguf(tiny_gguf, reference, evaluation_text, tmp
     r = s.probe({n: "q8_0" for n in names})
     assert r.start_layer == 0
     q8 = llama_quantize(reference, base, tmp_path / "q8.gguf", "Q8_0", "--pure")
-    te = TorchEngine()
-    te.run_base(base, evaluation_text, CTX, CHUNKS, tmp_path / "b.kld")
-    ref = te.compare(q8, tmp_path / "b.kld", CTX)
-    assert r.kld_mean > 1e-7 and r.kld_mean == pytest.approx(ref.kld_mean, rel=1e-3)
-    assert r.metrics.ppl == pytest.approx(ref.ppl, rel=1e-5)
+    for emulate in (False, True):  # with and without llama.cpp's activation rounding, on both sides
+        te = TorchEngine(emulate_ggml=emulate)
+        te.run_base(base, evaluation_text, CTX, CHUNKS, tmp_path / "b.kld")
+        ref = te.compare(q8, tmp_path / "b.kld", CTX)
+        got = r if not emulate else ProbeSession(base, evaluation_text, n_ctx=CTX, n_chunks=CHUNKS,
+                                                 emulate_ggml=True).probe({n: "q8_0" for n in names})
+        assert got.kld_mean > 1e-7 and got.kld_mean == pytest.approx(ref.kld_mean, rel=1e-3)
+        assert got.metrics.ppl == pytest.approx(ref.ppl, rel=1e-5)
     # weights restored: the base again
     assert abs(s.probe({}).kld_mean) < 1e-6
     # restarting at the replaced layer gives what a full forward gives

@@ -105,17 +105,22 @@ def round_trip(data: np.ndarray, qtype: str, importance: np.ndarray | None = Non
 
 
 class ProbeSession:
-    """A base model loaded once, with its log-probs and per-layer hidden states on `n_chunks` chunks of text."""
+    """A base model loaded once, with its log-probs and per-layer hidden states on `n_chunks` chunks of text.
+
+    `model` is an HF checkpoint directory (converted once by llama.cpp's converter, cached) or a GGUF."""
 
     def __init__(self, model: Path | str, text: Path | str, *, n_ctx: int = 512, n_chunks: int = 4,
-                 threads: int | None = None, cache_dir: Path | None = None, batch: int = 4, verbose: bool = False):
+                 threads: int | None = None, cache_dir: Path | None = None, batch: int = 4,
+                 emulate_ggml: bool = False, verbose: bool = False):
         t0 = time.time()
         model = Path(model)
         model_dir = model if model.is_dir() else None
         self.gguf = gguf_for_model_dir(model, cache_dir) if model_dir else model
         if threads:
             torch.set_num_threads(threads)
-        self.model = GGUFModel(self.gguf)
+        # emulate_ggml (llama.cpp's 8-bit activation rounding) roughly doubles the forward's cost and adds the
+        # same noise floor to every probe; off by default, so a probe measures the weights' round trip alone
+        self.model = GGUFModel(self.gguf, emulate_ggml=emulate_ggml)
         self.n_ctx, self.first, self.batch = n_ctx, n_ctx // 2, max(1, batch)
         hp = self.model.hp
         toks = gguf_tokenizer(self.gguf)(read_text(Path(text)))

@@ -289,8 +289,10 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, threads: int | None = None, model_dir: Path | None = None, verbose: bool = False):
+    def __init__(self, threads: int | None = None, model_dir: Path | None = None, verbose: bool = False,
+                 emulate_ggml: bool = True):
         self.threads = threads or os.cpu_count()
+        self.emulate_ggml = emulate_ggml
         self.model_dir = model_dir
         self.verbose = verbose
 
@@ -301,7 +303,7 @@ class TorchEngine:
     def run_base(self, base: Path, text: Path, n_ctx: int, n_chunks: int | None, out_raw: Path) -> dict:
         from verify.text import chunk_tokens, gguf_tokenizer, read_text
 
-        model = GGUFModel(base, self.threads)
+        model = GGUFModel(base, self.threads, self.emulate_ggml)
         encode = gguf_tokenizer(base, self.model_dir)
         toks = encode(read_text(text))
         chunks = chunk_tokens(toks, n_ctx, n_chunks, bos=model.hp.bos if model.hp.add_bos else None, source=text)
@@ -321,7 +323,7 @@ class TorchEngine:
 
     def compare(self, model_path: Path, base_raw: Path, n_ctx: int, text: Path | None = None):
         base = BaseLogits.open(base_raw)
-        model = GGUFModel(model_path, self.threads)
+        model = GGUFModel(model_path, self.threads, self.emulate_ggml)
         return compare_model(model, base)
 
 

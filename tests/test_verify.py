@@ -318,9 +318,9 @@ def test_probe_on_smollm2_timing(smollm2, tmp_path):
 
 
 @pytest.mark.reference
-def test_llamacpp_file_fallback_matches_printed_statistics(tiny_gguf, evaluation_text, tmp_path):
-    """When llama.cpp's logger drops the statistics at exit, the engine computes them from the candidate's
-    saved log-probs; both agree to the digits llama-perplexity prints."""
+def test_llamacpp_saved_logprobs_match_printed_statistics(tiny_gguf, evaluation_text, tmp_path):
+    """Statistics from the candidate's saved log-probs (the engine's path when it has the text) agree with
+    what `llama-perplexity --kl-divergence` prints, to every digit it prints."""
     from verify.llamacpp_engine import LlamaCppEngine
     from verify.logits_cache import BaseLogits
 
@@ -334,7 +334,8 @@ def test_llamacpp_file_fallback_matches_printed_statistics(tiny_gguf, evaluation
         if "Same top p:" in out:
             break
     printed = parse_kld_output(out, CHUNKS * (CTX - 1 - CTX // 2))
-    computed = lc._compare_via_file(cand, BaseLogits.open(raw), evaluation_text)
+    computed = lc.compare(cand, raw, CTX, evaluation_text)
+    assert computed.kld_mean == lc._compare_via_file(cand, BaseLogits.open(raw), evaluation_text).kld_mean
     assert computed.ppl == pytest.approx(printed.ppl, abs=2e-4 * printed.ppl)
     for f in ("kld_mean", "kld_p99", "kld_p999", "kld_median"):
         assert getattr(computed, f) == pytest.approx(getattr(printed, f), abs=2e-6), f

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llamacpp: the reference llama-perplexity; torch: pure Python; auto: llamacpp if found")
     ap.add_argument("--llama-cpp", default=None, help="llama-perplexity binary or llama.cpp build directory")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    ap.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    ap.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all of the text, as llama-perplexity)")
     ap.add_argument("--compare-uniform", action="store_true",
                     help="also evaluate uniform quants (and llama-quantize stock mixes when available)")
     ap.add_argument("--uniform", default="q8_0,q6_k,q4_k", help="uniform types for --compare-uniform")

@@ -1,5 +1,6 @@
-"""Engine backed by the reference `llama-perplexity` binary: --kl-divergence-base to save the base's
-log-probs, --kl-divergence to compare a candidate; its printed statistics are parsed into `Metrics`.
+"""Engine backed by the reference `llama-perplexity` binary: --kl-divergence-base saves the base's log-probs;
+a candidate is compared either from its own saved log-probs (when the text is known: deterministic, full
+precision) or by --kl-divergence with its printed statistics parsed into `Metrics`.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def parse_kld_output(text: str, n_tokens: int) -> Metrics:
                    same_top=top, same_top_err=top_err, rms_dp=rms)
 
 
-ATTEMPTS = 3
+ATTEMPTS = 3  # printed-statistics runs before giving up (compare() without the text)
 
 
 def file_ppl(info: BaseLogits) -> Metrics:
@@ -170,34 +171,32 @@ class LlamaCppEngine:
         return {"ppl": ppl, "ppl_err": err, "n_chunk": info.n_chunk, "n_vocab": info.n_vocab}
 
     def compare(self, model: Path, base_raw: Path, n_ctx: int, text: Path | None = None) -> Metrics:
+        """Candidate vs base. With the text: llama-perplexity saves the candidate's 16-bit log-probs and
+        `verify.kld` computes the statistics from the two files (deterministic, full precision, equal to
+        llama.cpp's printed numbers to every digit it prints; see tests). Without it: llama-perplexity
+        --kl-divergence and its printed statistics (6 decimals; its asynchronous logger sometimes drops
+        them at exit, upstream issue 22142, so the run is repeated up to ATTEMPTS times)."""
         info = BaseLogits.open(base_raw)
         if info.n_chunk * scored_per_chunk(n_ctx) < 100:
             raise VerifyError(f"only {info.n_chunk * scored_per_chunk(n_ctx)} scored tokens; llama-perplexity "
                               f"prints KLD statistics from 100 on; use more --chunks or a larger --ctx")
+        if text is not None:
+            return self._compare_via_file(model, info, text)
         args = ["--kl-divergence-base", str(base_raw), "--kl-divergence", "-c", str(n_ctx)]
         out = ""
-        attempts = 1 if text is not None else ATTEMPTS  # with the text, the file fallback is one run away
-        for _ in range(attempts):
+        for _ in range(ATTEMPTS):
             out = self._run(args, model)
             if "Same top p:" in out:
                 return parse_kld_output(out, info.n_chunk * scored_per_chunk(n_ctx))
-            # llama.cpp's asynchronous logger can lose its last lines when the process exits (the logger is
-            # leaked, not flushed, upstream issue 22142); the result is deterministic, so run again
             if self.verbose:
                 print("[llamacpp] statistics lost at exit, re-running", flush=True)
-        if text is not None:
-            if self.verbose:
-                print("[llamacpp] statistics lost again; computing them from the candidate's saved log-probs",
-                      flush=True)
-            return self._compare_via_file(model, info, text)
-        raise VerifyError(f"{model}: llama-perplexity printed no KL statistics in {attempts} runs "
-                          f"(pass the text to compare() to fall back to its saved log-probs): "
-                          f"{failure_message(out)}")
+        raise VerifyError(f"{model}: llama-perplexity printed no KL statistics in {ATTEMPTS} runs "
+                          f"(pass the text to compare() to use its saved log-probs instead): {failure_message(out)}")
 
     def _compare_via_file(self, model: Path, base: BaseLogits, text: Path) -> Metrics:
-        """Fallback when the printed statistics keep getting lost: llama-perplexity saves the candidate's own
-        16-bit log-probs (written synchronously, so never lost) and `verify.kld` compares the two files.
-        Differs from the printed numbers only by the candidate's 16-bit rounding (~1e-4 nats per entry)."""
+        """llama-perplexity saves the candidate's own 16-bit log-probs (written synchronously, never lost) and
+        `verify.kld` compares the two files. Differs from llama.cpp's printed numbers only by the candidate's
+        16-bit rounding (~1e-4 nats per entry, averaging out below the printed precision)."""
         import tempfile
 
         from verify.kld import TokenStats, compare_logits, summarize

@@ -165,18 +165,42 @@ class Bench:
         return produce(out, make, "probe text slice")
 
     def calibration(self, cands, imatrix_path: Path):
-        from strategy.calibrate import Calibration, fit
+        """Fit (cached by the fitting code's hash); every probe's KLD is memoised on disk by its assignment, so a
+        refit after a change to strategy/calibrate.py re-runs only probes it has not measured before."""
+        from strategy import calibrate as cal_mod
+        from strategy.calibrate import Calibration, fit, plan_probes
 
         a = self.a
-        from strategy import calibrate as cal_mod
-
-        k = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
-                   cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)))
+        pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx)
+        k = key_of(pk, cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)), sha_file(ROOT / "strategy" / "problem.py"))
         out = self.dir / f"calibration-{k}.json"
         if out.exists():
             return Calibration.load(out)
-        probe = self.probe_fn(imatrix_path)
-        log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name})")
+        memo_path = self.dir / f"probes-{pk}.json"
+        memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+        if not memo:  # probes measured by an earlier fit of the same inputs (labels are deterministic)
+            fit_p, held_p = plan_probes(cands)
+            by_label = {lab: asg for lab, asg in fit_p + held_p}
+            for old in self.dir.glob("calibration-*.json"):
+                for r in json.loads(old.read_text()).get("report", {}).get("probes", []):
+                    if r.get("label") in by_label:
+                        memo[_assign_key(by_label[r["label"]])] = float(r["kld"])
+        session_probe = None
+
+        def probe(assign: dict[str, str]) -> float:
+            nonlocal session_probe
+            key = _assign_key(assign)
+            if key not in memo:
+                if session_probe is None:
+                    session_probe = self.probe_fn(imatrix_path)
+                memo[key] = float(session_probe(assign))
+                tmp = memo_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(memo))
+                os.replace(tmp, memo_path)
+            return memo[key]
+
+        log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name}; "
+            f"{len(memo)} already measured)")
         t0 = time.time()
         cal = fit(cands, probe, log=log)
         cal.report["seconds"] = round(time.time() - t0, 1)
@@ -232,6 +256,18 @@ class Bench:
         ctx.setdefault("plans", {})[(mix, method)] = res
         return out
 
+    def cli_check(self, mix: str, target: int) -> str:
+        """`python -m strategy build` with --check-text: the CLI's own plan-vs-stock-like verdict (its exit code
+        is 3 when stock wins), run with the verify engine on the probe text, never the evaluation text."""
+        cal = sorted(self.dir.glob("calibration-*.json"), key=lambda p: p.stat().st_mtime)[-1]
+        out = self.dir / "plans" / f"cli-{mix}.yaml"
+        res = subprocess.run([sys.executable, "-m", "strategy", "build", "--db", self.measurements(), "--model",
+                              self.model, "--imatrix", self.imatrix(), "--target-size", str(target),
+                              "--calibration", cal, "--check-text", self.probe_text(), "--check-chunks",
+                              str(self.a.probe_chunks), "-o", out], cwd=ROOT, text=True, capture_output=True)
+        lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "stock check" in ln or "warning" in ln]
+        return "\n  ".join(lines + [f"(exit code {res.returncode})"])
+
     # 7. KLD
     def kld_base(self) -> Path:
         a = self.a
@@ -267,6 +303,10 @@ class Bench:
         return d
 
 
+def _assign_key(assign: dict[str, str]) -> str:
+    return hashlib.sha1(json.dumps(sorted(assign.items())).encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ report
 def gguf_stats(path: Path, n_params: int) -> tuple[int, float]:
     size = path.stat().st_size
@@ -290,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=12)
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--check-mix", default="Q4_K_M",
+                    help="size at which to run `python -m strategy build --check-text` (its stock check); '' = none")
     ap.add_argument("--json", help="write the results as JSON here")
     a = ap.parse_args(argv)
     for p, what in ((Path(a.model).expanduser() / "config.json", "model (set SMOLLM2_DIR)"),
@@ -322,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     cons = Constraints()
     cons.no_imatrix |= facts.no_imatrix
     kv = estimate_metadata_bytes(b.model)
-    cands = build_candidates(meas, metas, metadata_bytes=kv)
+    cands = build_candidates(meas, metas, metadata_bytes=kv, importance=facts.importance)
     cal = b.calibration(cands, im)
     ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal}
     n_params = sum(m.n_params for m in metas)
@@ -339,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             size, bpw = gguf_stats(f, n_params)
             rows.append({"mix": mix, "method": method, "file": str(f), "size": size, "bpw": bpw, **k})
 
+    check = b.cli_check(a.check_mix, stock[a.check_mix].stat().st_size) if a.check_mix in mixes else None
     ok = report(rows, mixes, base_info, cal, a, time.time() - t_start)
+    if check:
+        print(f"\n`python -m strategy build` end-to-end check at the {a.check_mix} size "
+              f"({a.probe_chunks} chunks of the calibration text):\n  {check}")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "pass": ok}, indent=1))
     return 0 if ok else 1

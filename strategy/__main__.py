@@ -115,13 +115,13 @@ def cmd_build(a: argparse.Namespace) -> int:
           + f" in {dt:.2f} s")
     code = 0
     if method != "stock" and metas is not None:
-        code = _stock_check(a, res, meas, metas, kv, cal)
+        code = _stock_check(a, res, meas, metas, kv, cal, cons, importance)
     save_plan(res.plan, a.output)
     print(f"wrote {a.output}")
     return code
 
 
-def _stock_check(a, res, meas, metas, kv, cal) -> int:
+def _stock_check(a, res, meas, metas, kv, cal, cons=None, importance=None) -> int:
     """Compare with the stock-like mix closest in size: predicted always, end to end when verify can probe."""
     from strategy.build import build, stock_choice
 
@@ -140,7 +140,8 @@ def _stock_check(a, res, meas, metas, kv, cal) -> int:
               "the plan is NOT checked end to end against stock")
         return 0
     same = build(meas, metas, method=res.plan.method if res.plan.method in ("budget", "ashq1") else "budget",
-                 target_size=stock_size, calibration=cal, metadata_bytes=kv)
+                 target_size=stock_size, calibration=cal, metadata_bytes=kv, constraints=cons,
+                 importance=importance)
     k_plan = float(engine(same.cands.types_of(same.choice)))
     k_stock = float(engine(c.types_of(ch)))
     winner = "plan" if k_plan <= k_stock else "stock"

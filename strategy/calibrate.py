@@ -55,16 +55,23 @@ class Calibration:
     global_scale: float = 1.0
     report: dict = field(default_factory=dict)
     proxy: str = "wmse"                                           # which strategy.problem.PROXIES the scales apply to
+    # "class@bucket" -> {type: scale} measured by a probe at exactly that type: overrides the group scale there
+    # (a type can hurt more or less than its proxy says, e.g. a symmetric 5-bit type on attn_v)
+    type_scales: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def scale(self, cls: str, layer: int | None, n_layers: int) -> float:
+    def scale(self, cls: str, layer: int | None, n_layers: int, qtype: str | None = None) -> float:
         key = group_key(cls, layer, n_layers)
+        if qtype is not None:
+            t = self.type_scales.get(key, {}).get(qtype.upper())
+            if t is not None:
+                return t
         if key in self.scales:
             return self.scales[key]
         return self.class_scales.get(cls, self.global_scale)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "proxy": self.proxy, "scales": self.scales, "class_scales": self.class_scales,
-                "global_scale": self.global_scale, "report": self.report}
+        return {"format": FORMAT, "proxy": self.proxy, "scales": self.scales, "type_scales": self.type_scales,
+                "class_scales": self.class_scales, "global_scale": self.global_scale, "report": self.report}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<calibration>") -> Calibration:
@@ -74,7 +81,9 @@ class Calibration:
         return cls(scales={k: float(v) for k, v in d.get("scales", {}).items()},
                    class_scales={k: float(v) for k, v in d.get("class_scales", {}).items()},
                    global_scale=float(d.get("global_scale", 1.0)), report=d.get("report") or {},
-                   proxy=str(d.get("proxy", "wmse")))
+                   proxy=str(d.get("proxy", "wmse")),
+                   type_scales={k: {t.upper(): float(x) for t, x in v.items()}
+                                for k, v in (d.get("type_scales") or {}).items()})
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -142,15 +151,45 @@ def _low_type(c: Candidates, i: int, rank: int) -> int | None:
     return lad[min(rank, len(lad) - 1)] if lad else None
 
 
+def single_tensors(c: Candidates, n: int, seed: int = 0) -> list[int]:
+    """Tensors for single-tensor held-out probes: half where the proxies disagree most about the tensor's
+    cheapest step relative to its group (the cases a group probe averages away, e.g. an ffn_down whose
+    importance sits in one outlier column), half at random."""
+    if n <= 0 or c.n == 0:
+        return []
+    from strategy.problem import PROXIES
+
+    low = np.array([_low_type(c, i, 0) if _low_type(c, i, 0) is not None else 0 for i in range(c.n)])
+    keys = [group_key(c.classes[i], c.layers[i], c.n_layers) for i in range(c.n)]
+    logs = []
+    for p in PROXIES:
+        v = _raw(c, p)[np.arange(c.n), low]
+        if not np.isfinite(v).all() or (v <= 0).any():
+            continue
+        lv = np.log(v)
+        for k in set(keys):  # relative to the group median: the group scale absorbs the rest
+            m = np.array([x == k for x in keys])
+            lv[m] -= np.median(lv[m])
+        logs.append(lv)
+    picked: list[int] = []
+    if len(logs) >= 2:
+        spread = np.ptp(np.stack(logs), axis=0)
+        picked = [int(i) for i in np.argsort(-spread, kind="stable")[: n // 2]]
+    rng = np.random.default_rng(seed + 1)
+    rest = [i for i in rng.permutation(c.n) if int(i) not in picked]
+    return picked + [int(i) for i in rest[: n - len(picked)]]
+
+
 def plan_probes(c: Candidates, fit_ranks: tuple[int, ...] = (0, 2), heldout_ranks: tuple[int, ...] = (1,),
-                n_random: int = 8, seed: int = 0
+                n_random: int = 8, seed: int = 0, n_single: int = 8
                 ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
     """(fit probes, held-out probes) as (label, assignments).
 
     Fit: each group (class x depth bucket) pushed to the `fit_ranks` steps of its ladder (cheapest and third
     cheapest bpw by default: a large and a moderate perturbation, so the scale holds over the range plans use).
     Held out: each group at the `heldout_ranks` steps, and `n_random` random mixes over all tensors (30% of
-    tensors, each at one of its three cheapest steps), which also test additivity across groups."""
+    tensors, each at one of its three cheapest steps), which also test additivity across groups, and
+    `n_single` single tensors at their cheapest step (see `single_tensors`), which test the proxy within a group."""
     groups: dict[str, list[int]] = {}
     for i in range(c.n):
         groups.setdefault(group_key(c.classes[i], c.layers[i], c.n_layers), []).append(i)
@@ -166,6 +205,10 @@ def plan_probes(c: Candidates, fit_ranks: tuple[int, ...] = (0, 2), heldout_rank
                 if a and not any(a == prev for _, prev in fit_p + held):
                     out.append((f"{key}:step{rank}", a))
     rng = np.random.default_rng(seed)
+    for i in single_tensors(c, n_single, seed):
+        j = _low_type(c, i, 0)
+        if j is not None:
+            held.append((f"single:{c.names[i]}", {c.names[i]: c.types[j]}))
     for r in range(n_random):
         a = {}
         pick = rng.random(c.n) < 0.3
@@ -185,7 +228,7 @@ def predict(c: Candidates, assignments: dict[str, str], cal: Calibration | None,
     total = 0.0
     for name, t in assignments.items():
         i = idx[name]
-        s = cal.scale(c.classes[i], c.layers[i], c.n_layers) if cal else 1.0
+        s = cal.scale(c.classes[i], c.layers[i], c.n_layers, t) if cal else 1.0
         total += s * float(raw[i, c.types.index(t)])
     return total
 
@@ -209,14 +252,28 @@ def _fit_scales(c: Candidates, fit_rows: list[tuple[str, dict[str, str], float]]
     return cal
 
 
-def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0,
-        proxies: Iterable[str] = ("wmse", "out", "mse", "rel2"),
+def _type_scales(c: Candidates, rows: list[tuple[str, dict[str, str], float]], proxy: str
+                 ) -> dict[str, dict[str, float]]:
+    """Per group and type: measured KLD / proxy of the group probes at that type (geometric mean if several)."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for label, a, kld in rows:
+        if label.startswith(("random", "single")):
+            continue
+        key = label.rsplit(":", 1)[0]
+        ratio = max(kld, 1e-9) / max(predict(c, a, None, proxy), 1e-300)
+        for t in set(a.values()):
+            acc.setdefault(key, {}).setdefault(t.upper(), []).append(ratio)
+    return {k: {t: float(np.exp(np.mean(np.log(v)))) for t, v in d.items()} for k, d in acc.items()}
+
+
+def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0, n_single: int = 8,
+        proxies: Iterable[str] = ("wmse", "out", "mse", "rel2"), type_scales: bool = True,
         log: Callable[[str], None] | None = None) -> Calibration:
     """Run the probes, fit per-group scales for each candidate proxy, keep the proxy whose calibrated
     predictions rank the held-out probes best (Spearman), and report the agreement of every proxy."""
     from strategy.problem import PROXIES
 
-    fit_probes, held_probes = plan_probes(c, n_random=n_random, seed=seed)
+    fit_probes, held_probes = plan_probes(c, n_random=n_random, seed=seed, n_single=n_single)
     log = log or (lambda s: None)
     proxies = [p for p in proxies if p in PROXIES and np.isfinite(_raw(c, p)[c.valid]).any()]
     fit_rows: list[tuple[str, dict[str, str], float]] = []
@@ -252,6 +309,10 @@ def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0,
     for label, a, kld in held_rows:
         records.append({"label": label, "kld": kld, "n_tensors": len(a), "use": "heldout",
                         "predicted": predict(c, a, cal), "uncalibrated": predict(c, a, None, "wmse")})
+    # final model: group scales from the fit probes plus, where a group was probed at a type (fit or held-out
+    # group probes), that exact measured ratio; the random mixes stay unseen and check it
+    if type_scales:
+        cal.type_scales = _type_scales(c, fit_rows + held_rows, best)
     rand = [(predict(c, a, cal), k) for label, a, k in held_rows if label.startswith("random")]
     cal.report = {
         "proxy": best,
@@ -261,6 +322,7 @@ def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0,
         "proxies": per_proxy,
         # additivity: measured / predicted KLD on the random mixes (many groups perturbed at once)
         "random_measured_over_predicted": [round(k / p, 4) if p > 0 else None for p, k in rand],
+        "spearman_random_final": spearman([p for p, _ in rand], [k for _, k in rand]),
         "probes": records,
     }
     for p in order:

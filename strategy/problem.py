@@ -238,10 +238,14 @@ def set_loss(c: Candidates, calibration=None) -> None:
     """loss = scale(class, depth) * proxy (wmse * n_params, scale 1 without calibration); inf where invalid."""
     scale = np.ones(c.n)
     proxy = "wmse"
+    scale = scale[:, None] * np.ones((1, len(c.types)))
     if calibration is not None:
-        scale = np.array([calibration.scale(cls, layer, c.n_layers) for cls, layer in zip(c.classes, c.layers)])
         proxy = getattr(calibration, "proxy", "wmse")
-    raw = np.nan_to_num(proxy_table(c, proxy), nan=np.inf) * scale[:, None]
+        for i, (cls, layer) in enumerate(zip(c.classes, c.layers)):
+            scale[i, :] = calibration.scale(cls, layer, c.n_layers)
+            for j, t in enumerate(c.types):  # per-type overrides measured by probes (strategy.calibrate)
+                scale[i, j] = calibration.scale(cls, layer, c.n_layers, t)
+    raw = np.nan_to_num(proxy_table(c, proxy), nan=np.inf) * scale
     c.loss = np.where(c.valid, raw, np.inf)
 
 

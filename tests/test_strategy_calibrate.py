@@ -115,3 +115,31 @@ def test_fit_chooses_the_proxy_that_ranks_held_out_probes_best():
     j = int(np.flatnonzero(c2.valid[i])[0])
     s = again.scale(c.classes[i], c.layers[i], c.n_layers)
     assert c2.loss[i, j] == pytest.approx(s * c.err[i, j] * c.n_params[i] * act[names[0]])
+
+
+def test_single_tensor_probes_expose_an_outlier_wmse():
+    """A tensor whose importance sits in one outlier column gets a tiny weighted MSE at its cheapest type while
+    the rest of its weights are as damaged as its neighbours' (seen on SmolLM2's blk.11.ffn_down). Group probes
+    average that away; the single-tensor held-out probes see it, so the fit prefers the plain-MSE proxy."""
+    import dataclasses
+
+    meas, metas = synth_model(n_layers=9, seed=7)
+    out = {"blk.4.ffn_down.weight", "blk.7.ffn_down.weight"}
+    from strategy.sizes import bits_per_weight
+
+    cheapest = min({m.qtype for m in meas}, key=bits_per_weight)
+    meas = [dataclasses.replace(m, wmse=m.wmse * 1e-3) if m.tensor in out and m.qtype == cheapest else m
+            for m in meas]
+    c = build_candidates(meas, metas)
+    idx = c.index()
+
+    def probe(assign: dict[str, str]) -> float:  # the truth follows the plain MSE (rmse^2)
+        return sum(TRUE.get(c.classes[idx[n]], 1.0) * c.proxies["mse"][idx[n], c.types.index(t)] * 1e-6
+                   for n, t in assign.items())
+
+    cal = fit(c, probe, n_random=6, n_single=6)
+    singles = [r["label"] for r in cal.report["probes"] if r["label"].startswith("single")]
+    assert out & {lab.split(":", 1)[1] for lab in singles}
+    assert cal.proxy in ("mse", "rel2")
+    r = cal.report["proxies"]
+    assert r[cal.proxy]["spearman_heldout"] > r["wmse"]["spearman_heldout"]

@@ -11,7 +11,8 @@ step "1. a tiny llama checkpoint with a real SentencePiece tokenizer -> $W/model
 python3 tests/tiny_models.py llama "$W/model"
 
 step "2. see the model: every tensor as the converter emits it"
-python3 -m measure inspect "$W/model" | head -n 12
+python3 -m measure inspect "$W/model" > "$W/tensors.txt"
+head -n 12 "$W/tensors.txt"
 
 step "3. importance matrix with torch from bundled calibration text"
 python3 -m measure imatrix "$W/model" --text tests/data/calibration.txt --ctx 128 --chunks 16 -o "$W/imatrix.gguf"
@@ -22,7 +23,8 @@ python3 -m measure "$W/model" --imatrix "$W/imatrix.gguf" --db "$W/measure.sqlit
 step "5. a plan for an average of 4.5 bits per weight"
 python3 -m strategy build --db "$W/measure.sqlite" --model "$W/model" --imatrix "$W/imatrix.gguf" \
     --target-bpw 4.5 -o "$W/plan.yaml"
-python3 -m strategy show "$W/plan.yaml" | head -n 20
+python3 -m strategy show "$W/plan.yaml" > "$W/plan-summary.txt"
+head -n 20 "$W/plan-summary.txt"
 
 step "6. one-pass convert: HF checkpoint -> mixed-precision GGUF"
 python3 convert_hf_to_gguf_strategy.py "$W/model" --strategy "$W/plan.yaml" --imatrix "$W/imatrix.gguf" \

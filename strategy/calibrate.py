@@ -58,6 +58,9 @@ class Calibration:
     # "class@bucket" -> {type: scale} measured by a probe at exactly that type: overrides the group scale there
     # (a type can hurt more or less than its proxy says, e.g. a symmetric 5-bit type on attn_v)
     type_scales: dict[str, dict[str, float]] = field(default_factory=dict)
+    # tensor -> multiplier on its group's scale, from a single-tensor probe (layer 0 / last layer often differ
+    # from their depth bucket by several x)
+    tensor_scales: dict[str, float] = field(default_factory=dict)
 
     def scale(self, cls: str, layer: int | None, n_layers: int, qtype: str | None = None) -> float:
         key = group_key(cls, layer, n_layers)
@@ -71,6 +74,7 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "proxy": self.proxy, "scales": self.scales, "type_scales": self.type_scales,
+                "tensor_scales": self.tensor_scales,
                 "class_scales": self.class_scales, "global_scale": self.global_scale, "report": self.report}
 
     @classmethod
@@ -83,7 +87,8 @@ class Calibration:
                    global_scale=float(d.get("global_scale", 1.0)), report=d.get("report") or {},
                    proxy=str(d.get("proxy", "wmse")),
                    type_scales={k: {t.upper(): float(x) for t, x in v.items()}
-                                for k, v in (d.get("type_scales") or {}).items()})
+                                for k, v in (d.get("type_scales") or {}).items()},
+                   tensor_scales={k: float(v) for k, v in (d.get("tensor_scales") or {}).items()})
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -228,7 +233,7 @@ def predict(c: Candidates, assignments: dict[str, str], cal: Calibration | None,
     total = 0.0
     for name, t in assignments.items():
         i = idx[name]
-        s = cal.scale(c.classes[i], c.layers[i], c.n_layers, t) if cal else 1.0
+        s = cal.scale(c.classes[i], c.layers[i], c.n_layers, t) * cal.tensor_scales.get(name, 1.0) if cal else 1.0
         total += s * float(raw[i, c.types.index(t)])
     return total
 
@@ -267,7 +272,7 @@ def _type_scales(c: Candidates, rows: list[tuple[str, dict[str, str], float]], p
 
 
 def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0, n_single: int = 8,
-        proxies: Iterable[str] = ("wmse", "out", "mse", "rel2"), type_scales: bool = True,
+        proxies: Iterable[str] = ("wmse", "out", "mse", "rel2"), type_scales: bool = True, tensor_scales: bool = True,
         log: Callable[[str], None] | None = None) -> Calibration:
     """Run the probes, fit per-group scales for each candidate proxy, keep the proxy whose calibrated
     predictions rank the held-out probes best (Spearman), and report the agreement of every proxy."""
@@ -313,6 +318,11 @@ def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0, n_sing
     # group probes), that exact measured ratio; the random mixes stay unseen and check it
     if type_scales:
         cal.type_scales = _type_scales(c, fit_rows + held_rows, best)
+    if tensor_scales:
+        for label, a, kld in held_rows:
+            if label.startswith("single:"):
+                name = label.split(":", 1)[1]
+                cal.tensor_scales[name] = max(kld, 1e-9) / max(predict(c, a, cal), 1e-300)
     rand = [(predict(c, a, cal), k) for label, a, k in held_rows if label.startswith("random")]
     cal.report = {
         "proxy": best,

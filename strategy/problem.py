@@ -245,6 +245,7 @@ def set_loss(c: Candidates, calibration=None) -> None:
             scale[i, :] = calibration.scale(cls, layer, c.n_layers)
             for j, t in enumerate(c.types):  # per-type overrides measured by probes (strategy.calibrate)
                 scale[i, j] = calibration.scale(cls, layer, c.n_layers, t)
+            scale[i, :] *= getattr(calibration, "tensor_scales", {}).get(c.names[i], 1.0)
     raw = np.nan_to_num(proxy_table(c, proxy), nan=np.inf) * scale
     c.loss = np.where(c.valid, raw, np.inf)
 

@@ -114,6 +114,7 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
             con.executescript(_SCHEMA)
+            _migrate(con)
         con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         con.close()
@@ -121,6 +122,13 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
             raise DBError(f"{path}: database is read-only ({e}); choose a writable --db path") from None
         raise DBError(f"{path}: not a usable measurement database ({e}); delete it or choose another --db path") from None
     return con
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring databases written by older versions up to the current schema (columns only ever get added)."""
+    cols = {row[1] for row in con.execute("PRAGMA table_info(results)")}
+    if "sample" not in cols:  # added with --sample; older rows are exact measurements
+        con.execute("ALTER TABLE results ADD COLUMN sample REAL NOT NULL DEFAULT 1.0")
 
 
 class MeasurementDB:
@@ -222,9 +230,11 @@ class MeasurementDB:
         key = key or self.meta().get("run_key")
         if key is None:
             return []
+        # a read-only handle cannot migrate a database written before the `sample` column: those were exact
+        has_sample = any(r[1] == "sample" for r in self.con.execute("PRAGMA table_info(results)"))
         cur = self.con.execute(
             "SELECT tensor, qtype, n_params, n_bytes, bpw, rmse, max_abs_err, wmse, rel_err, cos, tensor_class, layer, "
-            "sample, applicable FROM results WHERE run_key = ? ORDER BY rowid", (key,))
+            f"{'sample' if has_sample else '1.0'}, applicable FROM results WHERE run_key = ? ORDER BY rowid", (key,))
         out = []
         for row in cur.fetchall():
             if not row[-1]:

@@ -105,6 +105,26 @@ def test_db_roundtrip_and_refusals(tmp_path):
         MeasurementDB(bad)
 
 
+def test_db_written_before_the_sample_column_still_reads(tmp_path):
+    from measure.records import Measurement
+
+    path = tmp_path / "old.db"
+    db = MeasurementDB(path)
+    key = db.bind(model_fp="aaa", model_dir="/m/a", imatrix_fp=None, imatrix_paths=[], quant_version="q1",
+                  types=["Q8_0"])
+    m = Measurement("blk.0.attn_q.weight", "Q8_0", 10, 11, 8.8, 0.1, 0.2, 0.01, 0.05, 0.99, "attn_q", 0)
+    db.put_result(key, m.tensor, "Q8_0", m)
+    db.close()
+    con = sqlite3.connect(path)  # what a database of the first schema looks like
+    con.execute("ALTER TABLE results DROP COLUMN sample")
+    con.commit()
+    con.close()
+    assert MeasurementDB(path, readonly=True).measurements() == [m]
+    assert MeasurementDB(path).measurements() == [m]  # a writable open migrates it
+    con = sqlite3.connect(path)
+    assert "sample" in {r[1] for r in con.execute("PRAGMA table_info(results)")}
+
+
 # --- the whole thing on tiny models ------------------------------------------------------------------------
 
 def test_cli_measure_export_inspect(tiny_model, tmp_path):

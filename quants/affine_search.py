@@ -429,3 +429,42 @@ def legacy_affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nda
     if nmax == 15:  # MIN(15, (int8_t)v): signed byte, then stored as uint8
         b = np.minimum(15, (b ^ 0x80) - 0x80) & 0xFF
     return fp16_round(d), fp16_round(mn), b.astype(np.uint8)
+
+
+def quantize_superblocks(rows: np.ndarray, importance: np.ndarray | None, block_bytes: int,
+                         fill_chunk) -> np.ndarray:
+    """Shared driver of the 256-weight K-quants: rows -> super-blocks, `fill_chunk(x, qw, out)` per chunk.
+
+    `fill_chunk` gets a chunk of super-blocks (n, 256), their importance (same shape, or None) and the (n,
+    block_bytes) uint8 view to write; overflow to inf/NaN is what ggml does too (huge values), so it is silenced.
+    """
+    n_rows, n_per_row = rows.shape
+    nb = n_per_row // 256
+    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, 256)
+    out = np.empty((x.shape[0], block_bytes), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        for sl in block_chunks(x.shape[0], 256):
+            qw = None if importance is None else importance_blocks(importance, sl, nb, 256)
+            fill_chunk(x[sl], qw, out[sl])
+    return out.reshape(n_rows, nb * block_bytes)
+
+
+def quantize_legacy_affine(rows: np.ndarray, importance: np.ndarray | None, nmax: int, block_bytes: int,
+                           pack_levels) -> np.ndarray:
+    """Shared driver of Q4_1/Q5_1: fp16 d and m per 32-weight block, then `pack_levels(L, o)` writes the levels
+    into o[:, 4:] (L is (n_blocks, 32) uint8)."""
+    n_rows, n_per_row = rows.shape
+    nb = n_per_row // 32
+    out = np.empty((n_rows, nb, block_bytes), dtype=np.uint8)
+    with np.errstate(all="ignore"):  # overflow to inf/NaN is what ggml does too (huge values)
+        for sl in row_chunks(n_rows, n_per_row):
+            chunk = np.ascontiguousarray(rows[sl], dtype=np.float32)
+            if importance is None:
+                d, m, L = legacy_affine_ref(chunk.reshape(-1, 32), nmax)
+            else:
+                d, m, L = legacy_affine_levels(chunk, importance, nmax)
+            o = out[sl].reshape(-1, block_bytes)  # a view: out is contiguous
+            o[:, 0:2] = fp16_bytes(d)
+            o[:, 2:4] = fp16_bytes(m)
+            pack_levels(L, o)
+    return out.reshape(n_rows, nb * block_bytes)

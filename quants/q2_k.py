@@ -10,15 +10,14 @@ import numpy as np
 
 from quants.affine_search import (
     F32,
-    block_chunks,
     fp16_bytes,
     fp16_round,
-    importance_blocks,
     k_superblock_stats,
     make_qkx,
     make_qp,
     nearest_int,
     positive_max,
+    quantize_superblocks,
     requantize,
     seq_sum,
     subblocks,
@@ -62,23 +61,16 @@ def _levels(xb: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarr
 
 def quantize_q2_k(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     """float32 (n_rows, n_per_row) -> uint8 (n_rows, n_per_row // 256 * 84), ggml_quantize_chunk's bytes."""
-    n_rows, n_per_row = rows.shape
-    nb = n_per_row // QK_K
-    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK_K)
-    out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
-    with np.errstate(all="ignore"):  # overflow to inf/NaN is what ggml does too (huge values)
-        _fill(x, out, importance, nb)
-    return out.reshape(n_rows, nb * BLOCK_BYTES)
+    return quantize_superblocks(rows, importance, BLOCK_BYTES, _fill)
 
 
-def _fill(x: np.ndarray, out: np.ndarray, importance: np.ndarray | None, nb: int) -> None:
-    shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-    for sl in block_chunks(x.shape[0], QK_K):
-        qw = None if importance is None else importance_blocks(importance, sl, nb, QK_K)
-        d, dmin, sc, L = _levels(x[sl], qw)
-        o = out[sl]
-        o[:, 0:16] = sc
-        Lb = L.reshape(-1, 2, 4, 32)  # [block, half of 128, shift group, element]
-        o[:, 16:80] = np.bitwise_or.reduce(Lb << shifts, axis=2).reshape(-1, 64)
-        o[:, 80:82] = fp16_bytes(d)
-        o[:, 82:84] = fp16_bytes(dmin)
+_SHIFTS = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+
+
+def _fill(x: np.ndarray, qw: np.ndarray | None, o: np.ndarray) -> None:
+    d, dmin, sc, L = _levels(x, qw)
+    o[:, 0:16] = sc
+    Lb = L.reshape(-1, 2, 4, 32)  # [block, half of 128, shift group, element]
+    o[:, 16:80] = np.bitwise_or.reduce(Lb << _SHIFTS, axis=2).reshape(-1, 64)
+    o[:, 80:82] = fp16_bytes(d)
+    o[:, 82:84] = fp16_bytes(dmin)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quants.affine_search import block_chunks, fp16_bytes, importance_blocks, k4_levels
+from quants.affine_search import fp16_bytes, k4_levels, quantize_superblocks
 
 QK_K = 256
 BLOCK_BYTES = 144  # d (f16), dmin (f16), scales[12], qs[128]
@@ -16,22 +16,13 @@ BLOCK_BYTES = 144  # d (f16), dmin (f16), scales[12], qs[128]
 
 def quantize_q4_k(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     """float32 (n_rows, n_per_row) -> uint8 (n_rows, n_per_row // 256 * 144), ggml_quantize_chunk's bytes."""
-    n_rows, n_per_row = rows.shape
-    nb = n_per_row // QK_K
-    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK_K)
-    out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
-    with np.errstate(all="ignore"):  # overflow to inf/NaN is what ggml does too (huge values)
-        _fill(x, out, importance, nb)
-    return out.reshape(n_rows, nb * BLOCK_BYTES)
+    return quantize_superblocks(rows, importance, BLOCK_BYTES, _fill)
 
 
-def _fill(x: np.ndarray, out: np.ndarray, importance: np.ndarray | None, nb: int) -> None:
-    for sl in block_chunks(x.shape[0], QK_K):
-        qw = None if importance is None else importance_blocks(importance, sl, nb, QK_K)
-        d, dmin, sc, L = k4_levels(x[sl], qw, 15, (-1.0, 0.1, 20), clamp_qp_levels=False)
-        o = out[sl]
-        o[:, 0:2] = fp16_bytes(d)
-        o[:, 2:4] = fp16_bytes(dmin)
-        o[:, 4:16] = sc
-        Lb = L.reshape(-1, 4, 2, 32)
-        o[:, 16:144] = (Lb[:, :, 0, :] | (Lb[:, :, 1, :] << 4)).reshape(-1, 128)
+def _fill(x: np.ndarray, qw: np.ndarray | None, o: np.ndarray) -> None:
+    d, dmin, sc, L = k4_levels(x, qw, 15, (-1.0, 0.1, 20), clamp_qp_levels=False)
+    o[:, 0:2] = fp16_bytes(d)
+    o[:, 2:4] = fp16_bytes(dmin)
+    o[:, 4:16] = sc
+    Lb = L.reshape(-1, 4, 2, 32)
+    o[:, 16:144] = (Lb[:, :, 0, :] | (Lb[:, :, 1, :] << 4)).reshape(-1, 128)

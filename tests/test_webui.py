@@ -206,8 +206,10 @@ def test_download_job_through_the_api_keeps_the_token_secret(tiny_model, tmp_pat
 
 def test_killed_ui_leaves_the_worker_and_its_jobs_running(workspace, tmp_path):
     s = Server(workspace, {"HF_HOME": str(tmp_path / "hf-home")})
-    status, info = s.json("GET", "/api/info")
-    worker = info["worker"]
+    deadline = time.monotonic() + 60
+    while (worker := s.json("GET", "/api/info")[1]["worker"]) is None:  # None until it holds the worker lock
+        assert time.monotonic() < deadline, "the UI's job worker never came up"
+        time.sleep(0.2)
     s.proc.send_signal(signal.SIGKILL)
     s.proc.wait()
     os.kill(worker, 0)  # still alive: jobs continue without the UI

@@ -171,18 +171,23 @@ class Bench:
         from strategy.calibrate import Calibration, fit, plan_probes
 
         a = self.a
-        pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx)
-        k = key_of(pk, cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)), sha_file(ROOT / "strategy" / "problem.py"))
+        pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
+                    *(("emulate",) if a.probe_emulate else ()))
+        k = key_of(pk, cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)), sha_file(ROOT / "strategy" / "problem.py"),
+                   a.probe_steps)
         out = self.dir / f"calibration-{k}.json"
         if out.exists():
             return Calibration.load(out)
         memo_path = self.dir / f"probes-{pk}.json"
         memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
         if not memo:  # probes measured by an earlier fit of the same inputs (labels are deterministic)
-            fit_p, held_p = plan_probes(cands)
+            fit_p, held_p = plan_probes(cands, **({"fit_ranks": "all"} if a.probe_steps == "all" else {}))
             by_label = {lab: asg for lab, asg in fit_p + held_p}
             for old in self.dir.glob("calibration-*.json"):
-                for r in json.loads(old.read_text()).get("report", {}).get("probes", []):
+                rep = json.loads(old.read_text()).get("report", {})
+                if rep.get("probe_key", pk if not a.probe_emulate else None) != pk:
+                    continue  # other probe settings (older files without a key were measured without emulation)
+                for r in rep.get("probes", []):
                     if r.get("label") in by_label:
                         memo[_assign_key(by_label[r["label"]])] = float(r["kld"])
         session_probe = None
@@ -202,8 +207,9 @@ class Bench:
         log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name}; "
             f"{len(memo)} already measured)")
         t0 = time.time()
-        cal = fit(cands, probe, log=log)
+        cal = fit(cands, probe, steps=a.probe_steps, log=log)
         cal.report["seconds"] = round(time.time() - t0, 1)
+        cal.report["probe_key"] = pk
         cal.save(out)
         return cal
 
@@ -213,7 +219,7 @@ class Bench:
 
         im = load_imatrix(imatrix_path)
         session = ProbeSession(self.base(), self.probe_text(), n_ctx=self.a.probe_ctx, n_chunks=self.a.probe_chunks,
-                               threads=self.threads, verbose=True)
+                               threads=self.threads, verbose=True, emulate_ggml=self.a.probe_emulate)
         shapes = {n: tuple(w.shape) for n, w in session.originals.items()}
 
         def probe(assign: dict[str, str]) -> float:
@@ -324,10 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--imatrix-chunks", type=int, default=40)
     ap.add_argument("--probe-ctx", type=int, default=512)
     ap.add_argument("--probe-chunks", type=int, default=2)
+    ap.add_argument("--probe-steps", choices=("sparse", "all"), default="all",
+                    help="calibration probes at two ladder steps per group, or at every lossy step")
+    ap.add_argument("--probe-emulate", action=argparse.BooleanOptionalAction, default=True,
+                    help="probes round activations as llama.cpp does (its Q8_K/Q8_0 rounding is part of the KLD "
+                         "every file is scored on)")
     ap.add_argument("--probe-offset", type=float, default=0.5,
                     help="probes read the calibration text from this fraction on (the imatrix read the start)")
     ap.add_argument("--eval-ctx", type=int, default=512)
-    ap.add_argument("--eval-chunks", type=int, default=12)
+    ap.add_argument("--eval-chunks", type=int, default=10)
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-mix", default="Q4_K_M",

@@ -167,7 +167,8 @@ def _probe_engine(a):
         from verify.probe import ProbeSession  # the verify engineer's engine
     except ImportError:
         return None
-    session = ProbeSession(a.model, a.check_text, n_chunks=a.check_chunks)
+    session = ProbeSession(a.model, a.check_text, n_chunks=a.check_chunks,
+                           emulate_ggml=bool(getattr(a, "emulate_ggml", False)))
     imp: dict = {}
     if getattr(a, "imatrix", None):
         from measure.imatrix import load_imatrix
@@ -208,7 +209,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if probe is None:
         return _err("calibrate needs verify.probe and --model/--text to measure end-to-end KLD; "
                     "install the verify package or pass the model directory and an evaluation text")
-    cal = fit(c, probe, n_random=a.random_probes, log=print)
+    cal = fit(c, probe, n_random=a.random_probes, steps=a.probe_steps, log=print)
     out = Path(a.output) if a.output else _default_calibration(a.db)
     cal.save(out)
     r = cal.report
@@ -282,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--chunks", type=int, default=4)
     c.add_argument("--imatrix", help="imatrix (GGUF or .dat) the converter will use: probes round-trip with it")
     c.add_argument("--random-probes", type=int, default=8)
+    c.add_argument("--probe-steps", choices=("sparse", "all"), default="sparse",
+                   help="sparse: each group probed at two ladder steps (extrapolated to the others); all: at every "
+                        "lossy step (about twice the probes; what benchmarks/bench_quality.py uses)")
+    c.add_argument("--emulate-ggml", action="store_true",
+                   help="probes round activations as llama.cpp's CPU matmul does (Q8_K / Q8_0 per weight type): "
+                        "about 2x slower, and the measured cost then includes it (matters at 5-8 bpw)")
     c.add_argument("-o", "--output")
     c.set_defaults(fn=cmd_calibrate)
 

@@ -65,7 +65,7 @@ class Calibration:
     def scale(self, cls: str, layer: int | None, n_layers: int, qtype: str | None = None) -> float:
         key = group_key(cls, layer, n_layers)
         if qtype is not None:
-            t = self.type_scales.get(key, {}).get(qtype.upper())
+            t = type_scale_for(self.type_scales.get(key, {}), qtype.upper())
             if t is not None:
                 return t
         if key in self.scales:
@@ -106,6 +106,28 @@ class Calibration:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
         return cls.from_dict(d, str(path))
+
+
+# Error shape decides how a type's error turns into output error: a symmetric type (no per-block minimum) leaves a
+# block's offset as an error shared by all its weights, which adds up coherently in a matmul (probes on SmolLM2
+# attn_v: Q5_0 at 5.5 bpw cost 4x the KLD of Q4_1 at 5.0). An unprobed type borrows the measured ratio of the
+# nearest-bpw probed type of its own family, not the group's average over both families.
+FAMILY = {**{t: "affine" for t in ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K")},
+          **{t: "symmetric" for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q6_K")},
+          **{t: "float" for t in ("F32", "F16", "BF16")}}
+
+
+def type_scale_for(measured: dict[str, float], qtype: str) -> float | None:
+    """The measured KLD/proxy ratio of `qtype` in a group, else that of the nearest-bpw probed type of the same
+    family (see FAMILY), else None (the caller falls back to the group scale)."""
+    if qtype in measured:
+        return measured[qtype]
+    fam = FAMILY.get(qtype)
+    same = [t for t in measured if fam is not None and FAMILY.get(t) == fam]
+    if not same:
+        return None
+    b = bits_per_weight(qtype)
+    return measured[min(same, key=lambda t: (abs(bits_per_weight(t) - b), t))]
 
 
 def spearman(a: Iterable[float], b: Iterable[float]) -> float:
@@ -185,10 +207,17 @@ def single_tensors(c: Candidates, n: int, seed: int = 0) -> list[int]:
     return picked + [int(i) for i in rest[: n - len(picked)]]
 
 
-def plan_probes(c: Candidates, fit_ranks: tuple[int, ...] = (0, 2), heldout_ranks: tuple[int, ...] = (1,),
+LOSSLESS = ("F32", "F16", "BF16")
+
+
+def plan_probes(c: Candidates, fit_ranks: tuple[int, ...] | str = (0, 2), heldout_ranks: tuple[int, ...] = (1,),
                 n_random: int = 8, seed: int = 0, n_single: int = 8
                 ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
     """(fit probes, held-out probes) as (label, assignments).
+
+    `fit_ranks="all"`: every lossy step of each group's ladder is a fit probe (about twice the probes of the
+    default; every type a plan can pick is then measured in its group, instead of extrapolated from the two
+    cheapest steps), and no group is held out: singles and random mixes check the fit.
 
     Fit: each group (class x depth bucket) pushed to the `fit_ranks` steps of its ladder (cheapest and third
     cheapest bpw by default: a large and a moderate perturbation, so the scale holds over the range plans use).
@@ -199,12 +228,20 @@ def plan_probes(c: Candidates, fit_ranks: tuple[int, ...] = (0, 2), heldout_rank
     for i in range(c.n):
         groups.setdefault(group_key(c.classes[i], c.layers[i], c.n_layers), []).append(i)
     fit_p, held = [], []
+    all_steps = fit_ranks == "all"
+    if all_steps:
+        fit_ranks = tuple(range(max((len(ladder(c, i)) for i in range(c.n)), default=0)))
+        heldout_ranks = ()
     for key, members in sorted(groups.items()):
         for ranks, out in ((fit_ranks, fit_p), (heldout_ranks, held)):
             for rank in ranks:
                 a = {}
                 for i in members:
-                    j = _low_type(c, i, rank)
+                    lad = ladder(c, i)
+                    if all_steps:  # each member's own step `rank`, lossy ones only
+                        j = lad[rank] if rank < len(lad) and c.types[lad[rank]] not in LOSSLESS else None
+                    else:
+                        j = _low_type(c, i, rank)
                     if j is not None:
                         a[c.names[i]] = c.types[j]
                 if a and not any(a == prev for _, prev in fit_p + held):
@@ -271,14 +308,17 @@ def _type_scales(c: Candidates, rows: list[tuple[str, dict[str, str], float]], p
     return {k: {t: float(np.exp(np.mean(np.log(v)))) for t, v in d.items()} for k, d in acc.items()}
 
 
-def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0, n_single: int = 8,
+def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0, n_single: int = 8, steps: str = "sparse",
         proxies: Iterable[str] = ("wmse", "out", "mse", "rel2"), type_scales: bool = True, tensor_scales: bool = True,
         log: Callable[[str], None] | None = None) -> Calibration:
     """Run the probes, fit per-group scales for each candidate proxy, keep the proxy whose calibrated
     predictions rank the held-out probes best (Spearman), and report the agreement of every proxy."""
     from strategy.problem import PROXIES
 
-    fit_probes, held_probes = plan_probes(c, n_random=n_random, seed=seed, n_single=n_single)
+    if steps not in ("sparse", "all"):
+        raise ValueError(f"probe steps {steps!r}: choose 'sparse' (two ladder steps per group) or 'all'")
+    fit_probes, held_probes = plan_probes(c, n_random=n_random, seed=seed, n_single=n_single,
+                                          **({"fit_ranks": "all"} if steps == "all" else {}))
     log = log or (lambda s: None)
     proxies = [p for p in proxies if p in PROXIES and np.isfinite(_raw(c, p)[c.valid]).any()]
     fit_rows: list[tuple[str, dict[str, str], float]] = []

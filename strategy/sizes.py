@@ -182,9 +182,10 @@ def strategy_kv_bytes(plan_file_name: str | None) -> int:
 def estimate_metadata_bytes(model_dir: str | Path) -> int:
     """Upper-side estimate of the kv section from the tokenizer files, for budgets before any GGUF exists.
 
-    The vocabulary dominates: per token a string (8 + len), a score (4) and a type (4); BPE merges are strings
-    too. Model hyper-parameters, chat template and the rest are a few KiB; we add a generous 16 KiB + the
-    template length so the estimate errs on the side of not exceeding the budget.
+    The vocabulary dominates: per token a string (8 + len) and a type (4), plus a score (4) except for a pure
+    BPE vocabulary (llama.cpp's gpt2-style vocab has no scores array: counting one put SmolLM2's estimate 192 KiB
+    high); BPE merges are strings too. Model hyper-parameters, chat template and the rest are a few KiB; we add
+    16 KiB + the template length so the estimate errs on the side of not exceeding the budget.
     """
     model_dir = Path(model_dir)
     total = 16384
@@ -193,9 +194,11 @@ def estimate_metadata_bytes(model_dir: str | Path) -> int:
         data = json.loads(tok.read_text(encoding="utf-8"))
         model = data.get("model") or {}
         vocab = model.get("vocab") or {}
+        # a tokenizer.model means the converter may take the SentencePiece path, which writes scores
+        scores = model.get("type") != "BPE" or (model_dir / "tokenizer.model").is_file()
         items = vocab.keys() if isinstance(vocab, Mapping) else [v[0] if isinstance(v, list) else str(v) for v in vocab]
         for t in items:
-            total += 8 + len(str(t).encode("utf-8")) + 4 + 4
+            total += 8 + len(str(t).encode("utf-8")) + 4 + (4 if scores else 0)
         for a in data.get("added_tokens") or []:
             total += 8 + len(str(a.get("content", "")).encode("utf-8")) + 8
         for m in model.get("merges") or []:

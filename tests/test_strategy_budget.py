@@ -198,3 +198,26 @@ def test_unmeasured_tensor_is_kept_fixed_and_counted():
     assert any("blk.1.ffn_down.weight" in n for n in c.notes)
     extra = TensorMeta("blk.1.ffn_down.weight", (256, 512))
     assert c.fixed_bytes >= tensor_data_bytes("Q8_0", extra.shape)
+
+
+def _kv_section_bytes(path) -> int:
+    """Bytes from the file start to the end of the key-value section (what estimate_metadata_bytes predicts)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    return max(f.offset + sum(len(p.tobytes()) for p in f.parts) for f in r.fields.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "smollm2"])
+def test_metadata_estimate_bounds_the_real_kv_section_tightly(tiny_model, tmp_path, request, arch):
+    """Budgets are planned before any GGUF exists: the estimate must not be below the converter's real kv section
+    (a plan would exceed its budget) and not far above it (plans would land short of the 0.1% target)."""
+    from test_convert import upstream_f32
+
+    from strategy.sizes import estimate_metadata_bytes
+
+    # SmolLM2: a real 49k BPE vocabulary (counting a score per token there was 192 KiB too many)
+    model = request.getfixturevalue("smollm2") if arch == "smollm2" else tiny_model(arch)
+    real = _kv_section_bytes(upstream_f32(model, tmp_path / "m.gguf"))
+    est = estimate_metadata_bytes(model)
+    assert real <= est <= real + 24 * 1024, (arch, real, est)

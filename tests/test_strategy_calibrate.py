@@ -143,3 +143,46 @@ def test_single_tensor_probes_expose_an_outlier_wmse():
     assert cal.proxy in ("mse", "rel2")
     r = cal.report["proxies"]
     assert r[cal.proxy]["spearman_heldout"] > r["wmse"]["spearman_heldout"]
+
+
+def test_all_steps_measures_every_lossy_type_and_family_fallback():
+    """A truth where symmetric types cost 4x what their proxy says (a block offset they cannot hold adds up
+    coherently in the matmul): sparse probing measures two steps per group and extrapolates; probing every
+    step measures each type a plan can pick, and the calibrated allocator then beats the sparse one."""
+    from strategy.calibrate import FAMILY, LOSSLESS, ladder, type_scale_for
+
+    meas, metas = synth_model(n_layers=9, seed=8)
+    c = build_candidates(meas, metas)
+    idx = c.index()
+
+    def probe(assign: dict[str, str]) -> float:
+        return sum((4.0 if FAMILY.get(t) == "symmetric" else 1.0) * TRUE.get(c.classes[idx[n]], 1.0)
+                   * c.err[idx[n], c.types.index(t)] * c.n_params[idx[n]] * 1e-6 for n, t in assign.items())
+
+    sparse = fit(c, probe, n_random=6, proxies=("wmse",))
+    full = fit(c, probe, n_random=6, proxies=("wmse",), steps="all")
+    assert full.report["n_fit"] > sparse.report["n_fit"]
+    assert not any(r["label"].split(":")[-1].startswith("step") for r in full.report["probes"] if r["use"] == "heldout")
+    i = idx["blk.4.attn_q.weight"]
+    key = "attn_q@mid"
+    lossy = {c.types[j] for j in ladder(c, i) if c.types[j] not in LOSSLESS}
+    assert lossy <= set(full.type_scales[key])
+    # exact per-type ratios: symmetric 4x affine within the group
+    sym = [t for t in lossy if FAMILY.get(t) == "symmetric"]
+    aff = [t for t in lossy if FAMILY.get(t) == "affine"]
+    assert sym and aff
+    assert full.type_scales[key][sym[0]] / full.type_scales[key][aff[0]] == pytest.approx(4.0, rel=1e-6)
+    # an unprobed type borrows from its own family, nearest in bpw
+    assert type_scale_for({"Q4_0": 2.0, "Q4_1": 0.5}, "Q5_1") == 0.5
+    assert type_scale_for({"Q4_0": 2.0, "Q8_0": 3.0, "Q4_1": 0.5}, "Q5_0") == 2.0
+    assert type_scale_for({"Q4_1": 0.5}, "Q6_K") is None
+    with pytest.raises(ValueError, match="probe steps"):
+        fit(c, probe, steps="most")
+    # on the true loss, the all-steps calibration allocates at least as well as the sparse one
+    worse = 0
+    for frac in (0.15, 0.3, 0.5, 0.7):
+        budget = int(c.min_bytes() + frac * (c.max_bytes() - c.min_bytes()))
+        ch_s, _ = allocate(build_candidates(meas, metas, calibration=sparse), budget)
+        ch_f, _ = allocate(build_candidates(meas, metas, calibration=full), budget)
+        worse += probe(c.types_of(ch_f)) > probe(c.types_of(ch_s)) * 1.001
+    assert worse == 0

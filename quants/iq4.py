@@ -5,12 +5,14 @@ ntry = -1 reference variant); without an imatrix the search weights are x*x, wit
 qw * sqrt(sigma2 + x*x), sigma2 = 2 * mean(x^2) over the super-block.
 IQ4_NL block (18 bytes): d fp16, qs[16].  IQ4_XS super-block of 256 (136 bytes): d fp16, scales_h u16
 (2 high bits per 32-block scale), scales_l[4] (low nibbles), qs[128].
+Both have an optional numba fast path (symmetric_numba); the numpy path is the reference.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from quants import symmetric_numba
 from quants.symmetric_search import (
     F32,
     blocks_T,
@@ -27,12 +29,37 @@ from quants.symmetric_search import (
 
 def quantize_iq4_nl(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     """float32 (n_rows, n_per_row) -> uint8 (n_rows, n_per_row/32*18), as ggml_quantize_chunk(IQ4_NL)."""
-    return _quantize(rows, importance, 32, 18, _nl_blocks)
+    return _quantize_nl(rows, importance, fast=USE_NUMBA)
 
 
 def quantize_iq4_xs(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     """float32 (n_rows, n_per_row) -> uint8 (n_rows, n_per_row/256*136), as ggml_quantize_chunk(IQ4_XS)."""
+    return _quantize_xs(rows, importance, fast=USE_NUMBA)
+
+
+def _quantize_nl(rows: np.ndarray, importance: np.ndarray | None, *, fast: bool) -> np.ndarray:
+    if fast:
+        return _quantize_numba(rows, importance, 32, 18, symmetric_numba.iq4_nl)
+    return _quantize(rows, importance, 32, 18, _nl_blocks)
+
+
+def _quantize_xs(rows: np.ndarray, importance: np.ndarray | None, *, fast: bool) -> np.ndarray:
+    if fast:
+        return _quantize_numba(rows, importance, 256, 136, symmetric_numba.iq4_xs)
     return _quantize(rows, importance, 256, 136, _xs_blocks)
+
+
+def _quantize_numba(rows, importance, super_size, block_bytes, kernel) -> np.ndarray:
+    """All super-blocks at once through the compiled kernel; it leaves the fp16 scale (bytes 0-1) to us."""
+    n_rows = rows.shape[0]
+    xb = np.ascontiguousarray(rows, dtype=F32).reshape(-1, super_size)
+    imp = np.ones(1, dtype=F32) if importance is None else np.ascontiguousarray(importance, dtype=F32)
+    d = np.empty(xb.shape[0], dtype=F32)
+    out = np.empty((xb.shape[0], block_bytes), dtype=np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        kernel(xb, imp, importance is not None, d, out)
+        out[:, :2] = fp16_bits(d)
+    return out.reshape(n_rows, rows.shape[1] // super_size * block_bytes)
 
 
 def _quantize(rows, importance, super_size, block_bytes, fn) -> np.ndarray:
@@ -43,7 +70,7 @@ def _quantize(rows, importance, super_size, block_bytes, fn) -> np.ndarray:
         for units in chunks(xb.shape[0], super_size):
             qw = None if importance is None else unit_importance(importance, super_size, units)
             out[units] = fn(xb[units], qw)
-    return out.reshape(n_rows, -1)
+    return out.reshape(n_rows, rows.shape[1] // super_size * block_bytes)
 
 
 def _weights(xb: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -97,3 +124,7 @@ def _xs_blocks(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     out[:, 4:8] = lo[:, 0::2] | (lo[:, 1::2] << 4)
     out[:, 8:] = _pack_nibbles(L, nb, 8)
     return out
+
+
+# Compiled at import (or loaded from numba's cache) and checked against the numpy path; numpy on any failure.
+USE_NUMBA = symmetric_numba.self_check(_quantize_nl, 512) and symmetric_numba.self_check(_quantize_xs, 512)

@@ -110,23 +110,30 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     """make_qx_quants(n, nmax, x, L, rmse_type=1, w) for blocks x (n, M) with weights w (n, M).
 
     Returns (scale (M,) float32, L (n, M) uint8 in [0, 2*nmax-1]).  With no imatrix ggml's weights are
-    x*x; the caller passes them.
+    x*x; the caller passes them.  x may hold inf/NaN (Q3_K's second-level search over scales that
+    overflowed): iscale*x is NaN there, and nearest_int of that (default, arithmetic) NaN is 0.
     """
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     fnmax = F32(nmax)
     lo, hi = F32(-nmax), F32(nmax - 1)
+    nonfinite = not np.isfinite(x).all()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         safe_max = np.where(zero, F32(1.0), mx)
         wx = w * x
         tmp = np.empty_like(x)
         lf = np.empty_like(x)
 
-        def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            # |iscale*x| <= nmax + 1, where rint is nearest_int
+        def levels(iscale: np.ndarray) -> None:
+            # |iscale*x| <= nmax + 1 (or NaN), where rint is nearest_int
             np.multiply(x, iscale, out=lf)
             np.rint(lf, out=lf)
             np.clip(lf, lo, hi, out=lf)
+            if nonfinite:
+                lf[np.isnan(lf)] = 0.0
+
+        def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            levels(iscale)
             np.multiply(wx, lf, out=tmp)
             sumlx = seq_sum(tmp)
             np.multiply(w, lf, out=tmp)
@@ -148,9 +155,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
                 scale = np.where(upd, slx / sl2, scale)
                 best = np.where(upd, scale * slx, best)
                 best_iscale = np.where(upd, iscale, best_iscale)
-        np.multiply(x, best_iscale, out=lf)
-        np.rint(lf, out=lf)
-        np.clip(lf, lo, hi, out=lf)
+        levels(best_iscale)
         lf += fnmax
     L = lf.astype(np.uint8)
     if zero.any():

@@ -4,10 +4,15 @@ Acceptance (per type, with and without importance): bytes identical to ggml_quan
 blocks, and where a block differs its importance-weighted squared error is within 1e-6 relative of
 ggml's.  On the synthetic sets we require 100% identical blocks.  Real weights: set SMOLLM2_DIR to a
 SmolLM2 checkpoint directory (model.safetensors); skipped otherwise.
+
+Every type with an optional numba fast path runs the parity tests twice (fixture `fast_path`): compiled
+kernels on, then forced off (the numpy reference), and the two paths are also compared with each other
+directly, byte for byte, without libggml.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +27,27 @@ from quants import symmetric_search as ss
 
 TYPES = [T.Q6_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q5_0]
 KINDS = ["gaussian", "student_t", "outliers", "zeros", "tiny", "mixed_scale", "huge"]
+# Modules with an optional numba fast path, each switched by its USE_NUMBA flag.
+FAST_PATH_MODULES = ("quants.q3_k", "quants.q4_0", "quants.q5_0", "quants.q6_k", "quants.iq4")
+
+
+def _numba_available() -> bool:
+    from quants import symmetric_numba
+
+    return symmetric_numba.AVAILABLE
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def fast_path(request, monkeypatch) -> str:
+    """Run a test with the compiled fast paths on ("numba"; skipped without numba) and off ("numpy")."""
+    mods = [importlib.import_module(m) for m in FAST_PATH_MODULES]
+    if request.param == "numba":
+        if not _numba_available():
+            pytest.skip("numba not installed (or failed to compile): the numpy paths are tested alone")
+    else:
+        for m in mods:
+            monkeypatch.setattr(m, "USE_NUMBA", False)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +139,7 @@ def check_parity(ggml, qtype: T, rows: np.ndarray, imp: np.ndarray | None, *, ex
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("with_importance", [False, True], ids=["plain", "imatrix"])
-def test_parity_synthetic(ggml, qtype, kind, with_importance):
+def test_parity_synthetic(ggml, qtype, kind, with_importance, fast_path):
     n_rows, n_per_row = 8, 1024
     seed = KINDS.index(kind) * 7 + TYPES.index(qtype)
     rows = make_rows(kind, n_rows, n_per_row, seed)
@@ -123,7 +149,7 @@ def test_parity_synthetic(ggml, qtype, kind, with_importance):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_parity_odd_shapes(ggml, qtype):
+def test_parity_odd_shapes(ggml, qtype, fast_path):
     """One row, one block; and many rows of several blocks (chunk boundaries inside rows)."""
     bs = GGML_QUANT_SIZES[qtype][0]
     rng = np.random.default_rng(5)
@@ -132,6 +158,25 @@ def test_parity_odd_shapes(ggml, qtype):
         imp = make_importance(n_per_row, n_rows)
         check_parity(ggml, qtype, rows, None, exact=True)
         check_parity(ggml, qtype, rows, imp, exact=True)
+
+
+def _extreme_importance(kind: str, n_per_row: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if kind == "all_zero":  # a column never activated: every weight 0
+        return np.zeros(n_per_row, np.float32)
+    imp = rng.gamma(0.6, 1.0, n_per_row).astype(np.float32)  # "extreme": 1e30 and 1e-30 entries mixed in
+    imp[::7] = 1e30
+    imp[3::11] = 1e-30
+    return imp
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("imp_kind", ["all_zero", "extreme"])
+def test_parity_nasty_importance(ggml, qtype, imp_kind, fast_path):
+    for kind in ("gaussian", "zeros", "huge"):
+        rows = make_rows(kind, 6, 512, 90 + KINDS.index(kind))
+        check_parity(ggml, qtype, rows, _extreme_importance(imp_kind, 512), exact=True, where=f" {kind}")
 
 
 def _smollm2_rows(root: Path, max_rows: int = 128) -> list[tuple[str, np.ndarray]]:
@@ -153,7 +198,7 @@ def _smollm2_rows(root: Path, max_rows: int = 128) -> list[tuple[str, np.ndarray
 @pytest.mark.reference
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_parity_real_weights(ggml, qtype, smollm2):
+def test_parity_real_weights(ggml, qtype, smollm2, fast_path):
     bs = GGML_QUANT_SIZES[qtype][0]
     tested = 0
     for i, (name, rows) in enumerate(_smollm2_rows(smollm2)):
@@ -170,7 +215,7 @@ def test_parity_real_weights(ggml, qtype, smollm2):
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("with_importance", [False, True], ids=["plain", "imatrix"])
-def test_round_trip_gguf_and_ggml_dequantize_agree(ggml, qtype, with_importance):
+def test_round_trip_gguf_and_ggml_dequantize_agree(ggml, qtype, with_importance, fast_path):
     n_rows, n_per_row = 6, 512
     rows = make_rows("gaussian", n_rows, n_per_row, 11)
     imp = make_importance(n_per_row, 11) if with_importance else None
@@ -186,7 +231,7 @@ def test_round_trip_gguf_and_ggml_dequantize_agree(ggml, qtype, with_importance)
 
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_public_api_dispatch(ggml, qtype):
+def test_public_api_dispatch(ggml, qtype, fast_path):
     """quants.quantize (input checks, reshaping, gguf-py routing) gives ggml's bytes for 3-D input too."""
     rows = make_rows("gaussian", 4, 512, 3)
     imp = make_importance(512, 3)
@@ -286,13 +331,17 @@ def test_make_qx_quants_matches_scalar_port():
     rng = np.random.default_rng(2)
     x = (rng.standard_t(2.5, (16, 40)) * 0.1).astype(np.float32)
     x[:, 3] = 0.0
+    x[4, 7] = np.nan  # nearest_int(NaN) is 0 in C
+    x[5, 8] = np.inf
     w = (rng.gamma(0.5, 1.0, (16, 40))).astype(np.float32)
     w[:, 5] = 0.0
     for nmax in (4, 8, 32):
         scale, L = ss.make_qx_quants(x, nmax, w)
         for b in range(x.shape[1]):
-            s_ref, L_ref = _c_make_qx_quants(x[:, b], nmax, w[:, b])
-            assert scale[b] == s_ref and L[:, b].tolist() == L_ref, (nmax, b)
+            with np.errstate(invalid="ignore"):  # inf * 0 in the NaN/inf blocks, as in C
+                s_ref, L_ref = _c_make_qx_quants(x[:, b], nmax, w[:, b])
+            same = scale[b] == s_ref or (np.isnan(scale[b]) and np.isnan(s_ref))
+            assert same and L[:, b].tolist() == L_ref, (nmax, b)
 
 
 # ---- Q3_K without importance has an optional numba fast path; the numpy path stays the reference
@@ -318,3 +367,171 @@ def test_q3_k_numba_path_equals_numpy_path(kind):
     xb = rows.reshape(-1, 256)
     with np.errstate(all="ignore"):
         np.testing.assert_array_equal(q3_k._ref_blocks_numba(xb), q3_k._ref_blocks(xb))
+
+
+# ---- the numba fast paths (symmetric_numba) against the numpy paths, byte for byte; no libggml needed
+
+# type -> (module, its quantize(rows, importance, *, fast) switch)
+FAST_QUANTIZERS = {
+    T.Q4_0: ("quants.q4_0", "_quantize"),
+    T.Q5_0: ("quants.q5_0", "_quantize"),
+    T.Q6_K: ("quants.q6_k", "_quantize"),
+    T.IQ4_NL: ("quants.iq4", "_quantize_nl"),
+    T.IQ4_XS: ("quants.iq4", "_quantize_xs"),
+}
+
+
+def _both_paths(qtype: T, rows: np.ndarray, imp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    module, fn = FAST_QUANTIZERS[qtype]
+    quantize = getattr(importlib.import_module(module), fn)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither path may leak overflow/invalid warnings
+        return quantize(rows, imp, fast=True), quantize(rows, imp, fast=False)
+
+
+def _require_numba() -> None:
+    if not _numba_available():
+        pytest.skip("numba not installed (or failed to compile): only the numpy paths exist")
+
+
+@pytest.mark.parametrize("qtype", list(FAST_QUANTIZERS), ids=lambda t: t.name)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_importance", [False, True], ids=["plain", "imatrix"])
+def test_numba_path_equals_numpy_path(qtype, kind, with_importance):
+    """13 rows of 1536: several tiles of 64 blocks, the last one partial, for every block size."""
+    _require_numba()
+    seed = 200 + KINDS.index(kind)
+    rows = make_rows(kind, 13, 1536, seed)
+    imp = make_importance(1536, seed) if with_importance else None
+    fast, ref = _both_paths(qtype, rows, imp)
+    np.testing.assert_array_equal(fast, ref)
+
+
+@pytest.mark.parametrize("qtype", list(FAST_QUANTIZERS), ids=lambda t: t.name)
+@pytest.mark.parametrize("imp_kind", ["all_zero", "extreme"])
+def test_numba_path_equals_numpy_path_nasty_importance(qtype, imp_kind):
+    _require_numba()
+    for kind in ("gaussian", "zeros", "tiny", "huge"):
+        rows = make_rows(kind, 6, 768, 300 + KINDS.index(kind))
+        fast, ref = _both_paths(qtype, rows, _extreme_importance(imp_kind, 768))
+        np.testing.assert_array_equal(fast, ref, err_msg=kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", list(FAST_QUANTIZERS), ids=lambda t: t.name)
+def test_numba_path_equals_numpy_path_real_weights(qtype, smollm2):
+    _require_numba()
+    bs = GGML_QUANT_SIZES[qtype][0]
+    tested = 0
+    for i, (name, rows) in enumerate(_smollm2_rows(smollm2)):
+        if rows.shape[1] % bs:
+            continue
+        for imp in (None, make_importance(rows.shape[1], i)):
+            fast, ref = _both_paths(qtype, rows, imp)
+            np.testing.assert_array_equal(fast, ref, err_msg=f"{name} importance={imp is not None}")
+        tested += 1
+    assert tested
+
+
+def test_fast_paths_enabled_and_taken(monkeypatch):
+    """With numba, every module passed its import-time self-check, and the public quantizers do go through
+    the compiled kernels (so the "numba" parity runs above test them, not numpy twice)."""
+    _require_numba()
+    from quants import symmetric_numba
+
+    for module in {m for m, _ in FAST_QUANTIZERS.values()}:
+        assert importlib.import_module(module).USE_NUMBA, f"{module}: numba self-check failed, numpy used"
+
+    class Taken(Exception):
+        pass
+
+    def taken(*args, **kwargs):
+        raise Taken
+
+    for kernel in ("legacy_quantize", "q6k_levels", "iq4_nl", "iq4_xs"):
+        monkeypatch.setattr(symmetric_numba, kernel, taken)
+    rows = make_rows("gaussian", 2, 512, 1)
+    imp = make_importance(512, 1)
+    for qtype in FAST_QUANTIZERS:
+        for w in (imp, None) if qtype in (T.Q6_K, T.IQ4_NL, T.IQ4_XS) else (imp,):
+            with pytest.raises(Taken):
+                quants._own_quantizer(qtype)(rows, w)
+
+
+def test_self_check_rejects_a_wrong_or_broken_fast_path():
+    _require_numba()
+    from quants import symmetric_numba
+
+    def wrong(rows, imp, *, fast):
+        return np.zeros(4, np.uint8) + (1 if fast else 0)
+
+    def broken(rows, imp, *, fast):
+        if fast:
+            raise RuntimeError("no kernel")
+        return np.zeros(4, np.uint8)
+
+    def right(rows, imp, *, fast):
+        return np.zeros(4, np.uint8)
+
+    assert not symmetric_numba.self_check(wrong, 256)
+    assert not symmetric_numba.self_check(broken, 256)
+    assert symmetric_numba.self_check(right, 256)
+
+
+@pytest.mark.parametrize("nmax", [4, 8, 16, 32])
+@pytest.mark.parametrize("n", [16, 32])
+def test_numba_make_qx_quants_equals_numpy(nmax, n):
+    """The compiled make_qx_quants on nasty blocks: zeros, -0, around GROUP_MAX_EPS, huge (x*x = inf),
+    zero and infinite weights, inf/NaN values (numpy fallback), many partial tiles."""
+    _require_numba()
+    from quants import symmetric_numba
+
+    rng = np.random.default_rng(nmax * 100 + n)
+    m = 1000
+    x = (rng.standard_t(2.5, (n, m)) * np.exp(rng.uniform(-40, 40, m))).astype(np.float32)
+    x[:, 0] = 0.0
+    x[:, 1] = -0.0
+    x[:, 2] = 1e-15
+    x[:3, 3] = 3e38
+    x[:, 4] *= np.float32(1e-30)
+    w = rng.gamma(0.5, 1.0, (n, m)).astype(np.float32)
+    w[:, 5] = 0.0
+    w[2, 6] = np.inf
+    x_bad = x.copy()  # Q3_K's scale-of-scales search can see overflowed scales (numpy fallback)
+    x_bad[4, 7] = np.nan
+    x_bad[5, 8] = -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with np.errstate(all="ignore"):
+            for xx, ww in ((x, w), (x, x * x), (x_bad, w)):
+                s_ref, l_ref = ss.make_qx_quants(xx, nmax, ww)
+                s_fast, l_fast = symmetric_numba.make_qx_quants(xx, nmax, ww)
+                np.testing.assert_array_equal(s_fast.view(np.int32), s_ref.view(np.int32))
+                np.testing.assert_array_equal(l_fast, l_ref)
+
+
+def test_numba_make_qx_quants_matches_scalar_port():
+    _require_numba()
+    from quants import symmetric_numba
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_t(2.5, (16, 40)) * 0.1).astype(np.float32)
+    x[:, 3] = 0.0
+    w = (rng.gamma(0.5, 1.0, (16, 40))).astype(np.float32)
+    w[:, 5] = 0.0
+    for nmax in (4, 8, 32):
+        scale, L = symmetric_numba.make_qx_quants(x, nmax, w)
+        for b in range(x.shape[1]):
+            s_ref, L_ref = _c_make_qx_quants(x[:, b], nmax, w[:, b])
+            same = scale[b] == s_ref or (np.isnan(scale[b]) and np.isnan(s_ref))
+            assert same and L[:, b].tolist() == L_ref, (nmax, b)
+
+
+@pytest.mark.parametrize("qtype", list(FAST_QUANTIZERS), ids=lambda t: t.name)
+def test_no_rows(qtype, fast_path):
+    """Zero rows give zero blocks of the right row length, on either path, with and without importance."""
+    n_per_row = 512
+    for imp in (None, make_importance(n_per_row, 0)):
+        got = ours(qtype, np.zeros((0, n_per_row), np.float32), imp)
+        assert got.shape == (0, quants.row_bytes(qtype, n_per_row))

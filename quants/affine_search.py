@@ -9,9 +9,14 @@ Layout convention: a group of blocks is an array of shape (n, M) -- element inde
 second, C-contiguous.  Then an elementwise step is one numpy call over all blocks, and a C loop
 `s = 0; for i: s += t[i]` is `np.add.reduce(t, axis=0)`, which numpy evaluates row by row (sequentially,
 no pairwise summation) when the reduced axis is the outer one; `seq_sum` guards the case where it is not.
+
+This numpy code is the readable reference.  affine_numba.py holds compiled twins of the drivers (same bytes,
+several times faster); the per-type modules use them when affine_numba.USE_NUMBA is set.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -333,6 +338,30 @@ def k4_levels(xb: np.ndarray, qw: np.ndarray | None, nmax: int, ref_search: tupl
         w = av_x + np.abs(xs)
         rmin, rdelta, nstep = ref_search
         scale, the_min, L = make_qkx(xs, w, nmax, rmin, rdelta, nstep, False)
+        sw = None
+    else:
+        sigma2 = F32(2.0) * k_superblock_stats(xb) / F32(256)
+        sig = np.repeat(sigma2, 8)
+        w = subblocks(qw, 32) * np.sqrt(sig + xs * xs)
+        sw = seq_sum(w)
+        scale, the_min, L = make_qkx(xs, w, nmax, -0.9, 0.05, 36, False)
+    d, dmin, sc, dd, dm = k4_scales(scale, the_min, sw, clamp_qp_levels)
+    L = requantize(xs, dd, dm, L, nmax)
+    return d, dmin, sc, np.ascontiguousarray(L.T).reshape(nB, 256)
+
+
+def k4_scales(scale: np.ndarray, the_min: np.ndarray, sw: np.ndarray | None, clamp_qp_levels: bool,
+              qp: Callable[..., tuple[np.ndarray, np.ndarray]] = make_qp
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: the 8 sub-block (scale, the_min) of each super-block (flat (nB * 8,), sub-block j of
+    super-block b at b * 8 + j) -> stored scales.
+
+    sw: None on the ref path (6-bit scales relative to the largest), else the sub-block weight sums that
+    make_qp weighs the scales with (qp: make_qp or a drop-in replacement).  Returns (d, dmin (nB,)
+    fp16-rounded, packed scales (nB, 12) uint8, dd, dm (nB * 8,) the sub-block scale and min to requantize with).
+    """
+    nB = scale.shape[0] // 8
+    if sw is None:
         scales, mins = scale.reshape(nB, 8), the_min.reshape(nB, 8)
         max_scale, max_min = positive_max(scales), positive_max(mins)
         with np.errstate(divide="ignore"):
@@ -342,24 +371,70 @@ def k4_levels(xb: np.ndarray, qw: np.ndarray | None, nmax: int, ref_search: tupl
         lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).T
         d_block, m_block = max_scale / F32(63.0), max_min / F32(63.0)
     else:
-        sigma2 = F32(2.0) * k_superblock_stats(xb) / F32(256)
-        sig = np.repeat(sigma2, 8)
-        w = subblocks(qw, 32) * np.sqrt(sig + xs * xs)
-        sw = seq_sum(w)
-        scale, the_min, L = make_qkx(xs, w, nmax, -0.9, 0.05, 36, False)
         sw8 = np.ascontiguousarray(sw.reshape(nB, 8).T)
-        d_block, ls = make_qp(np.ascontiguousarray(scale.reshape(nB, 8).T), sw8, 63)
-        m_block, lm = make_qp(np.ascontiguousarray(the_min.reshape(nB, 8).T), sw8, 63)
+        d_block, ls = qp(np.ascontiguousarray(scale.reshape(nB, 8).T), sw8, 63)
+        m_block, lm = qp(np.ascontiguousarray(the_min.reshape(nB, 8).T), sw8, 63)
         if clamp_qp_levels:
             ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
     sc = pack_k4_scales(ls, lm)
     d, dmin = fp16_round(d_block), fp16_round(m_block)
     usc, um = unpack_k4_scales(sc)
-    # columns of xs are b * 8 + j
     dd = (d[:, None] * usc.T.astype(F32)).reshape(-1)
     dm = (dmin[:, None] * um.T.astype(F32)).reshape(-1)
-    L = requantize(xs, dd, dm, L, nmax)
+    return d, dmin, sc, dd, dm
+
+
+def q2k_levels(xb: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q2_K super-blocks (16 sub-blocks of 16, 4-bit scales and mins) up to the packed levels.
+
+    xb: (nB, 256); qw: matching importance or None (quantize_row_q2_K_ref: make_qkx2 with the absolute-error
+    metric, max-normalised scales; else quantize_row_q2_K_impl: weighted make_qkx3 + make_qp_quants).
+    Returns (d, dmin (nB,) fp16-rounded, scales (nB, 16) uint8, L (nB, 256) uint8 in [0, 3]).
+    """
+    nB = xb.shape[0]
+    xs = subblocks(xb, 16)
+    if qw is None:
+        scale, the_min, L = make_qkx(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+        sw = None
+    else:
+        sigma2 = k_superblock_stats(xb) / F32(256)
+        w = subblocks(qw, 16) * np.sqrt(np.repeat(sigma2, 16) + xs * xs)
+        sw = seq_sum(w)
+        scale, the_min, L = make_qkx(xs, w, 3, -0.9, 0.05, 36, False)
+    d, dmin, sc, dd, dm = q2k_scales(scale, the_min, sw)
+    L = requantize(xs, dd, dm, L, 3)
     return d, dmin, sc, np.ascontiguousarray(L.T).reshape(nB, 256)
+
+
+def q2k_scales(scale: np.ndarray, the_min: np.ndarray, sw: np.ndarray | None,
+               qp: Callable[..., tuple[np.ndarray, np.ndarray]] = make_qp
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q2_K: the 16 sub-block (scale, the_min) of each super-block (flat (nB * 16,)) -> stored scales.
+
+    sw: None on the ref path, else the sub-block weight sums for make_qp (qp: make_qp or a drop-in
+    replacement).  Returns (d, dmin (nB,) fp16-rounded, scales (nB, 16) uint8, dd, dm (nB * 16,)).
+    """
+    nB = scale.shape[0] // 16
+    if sw is None:
+        scales, mins = scale.reshape(nB, 16), the_min.reshape(nB, 16)
+        max_scale, max_min = positive_max(scales), positive_max(mins)
+        with np.errstate(divide="ignore"):
+            isc = np.where(max_scale > 0, F32(15.0) / max_scale, F32(0.0)).astype(F32)
+            imn = np.where(max_min > 0, F32(15.0) / max_min, F32(0.0)).astype(F32)
+        lsc = np.where(max_scale[:, None] > 0, nearest_int(isc[:, None] * scales), 0) & 0xFF
+        lmn = np.where(max_min[:, None] > 0, nearest_int(imn[:, None] * mins) << 4, 0) & 0xFF
+        sc = (lsc | lmn).astype(np.uint8)
+        d = fp16_round(np.where(max_scale > 0, max_scale / F32(15.0), F32(0.0)))
+        dmin = fp16_round(np.where(max_min > 0, max_min / F32(15.0), F32(0.0)))
+    else:
+        sw16 = np.ascontiguousarray(sw.reshape(nB, 16).T)
+        dm, ls = qp(np.ascontiguousarray(scale.reshape(nB, 16).T), sw16, 15)
+        mm, lm = qp(np.ascontiguousarray(the_min.reshape(nB, 16).T), sw16, 15)
+        d, dmin = fp16_round(dm), fp16_round(mm)
+        sc = np.ascontiguousarray((ls | (lm << 4)).T).astype(np.uint8)
+    dd = (d[:, None] * (sc & 0xF).astype(F32)).reshape(-1)
+    dm_ = (dmin[:, None] * (sc >> 4).astype(F32)).reshape(-1)
+    return d, dmin, sc, dd, dm_
 
 
 def legacy_affine_levels(rows: np.ndarray, importance: np.ndarray, nmax: int
@@ -450,9 +525,14 @@ def quantize_superblocks(rows: np.ndarray, importance: np.ndarray | None, block_
 
 
 def quantize_legacy_affine(rows: np.ndarray, importance: np.ndarray | None, nmax: int, block_bytes: int,
-                           pack_levels) -> np.ndarray:
+                           pack_levels: Callable[[np.ndarray, np.ndarray], None],
+                           levels: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                           ref: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """Shared driver of Q4_1/Q5_1: fp16 d and m per 32-weight block, then `pack_levels(L, o)` writes the levels
-    into o[:, 4:] (L is (n_blocks, 32) uint8)."""
+    into o[:, 4:] (L is (n_blocks, 32) uint8).  levels / ref: drop-in replacements of legacy_affine_levels /
+    legacy_affine_ref (the compiled ones of affine_numba); None for the numpy ones."""
+    levels = levels or legacy_affine_levels
+    ref = ref or legacy_affine_ref
     n_rows, n_per_row = rows.shape
     nb = n_per_row // 32
     out = np.empty((n_rows, nb, block_bytes), dtype=np.uint8)
@@ -460,9 +540,9 @@ def quantize_legacy_affine(rows: np.ndarray, importance: np.ndarray | None, nmax
         for sl in row_chunks(n_rows, n_per_row):
             chunk = np.ascontiguousarray(rows[sl], dtype=np.float32)
             if importance is None:
-                d, m, L = legacy_affine_ref(chunk.reshape(-1, 32), nmax)
+                d, m, L = ref(chunk.reshape(-1, 32), nmax)
             else:
-                d, m, L = legacy_affine_levels(chunk, importance, nmax)
+                d, m, L = levels(chunk, importance, nmax)
             o = out[sl].reshape(-1, block_bytes)  # a view: out is contiguous
             o[:, 0:2] = fp16_bytes(d)
             o[:, 2:4] = fp16_bytes(m)

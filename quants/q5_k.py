@@ -2,12 +2,14 @@
 
 Without importance this is quantize_row_q5_K_ref (make_qkx2 search); with it, quantize_row_q5_K_impl
 (importance-weighted make_qkx3 search, make_qp_quants for the scales).
+The levels come from affine_search.k4_levels (numpy, the reference) or its compiled twin in affine_numba.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from quants import affine_numba
 from quants.affine_search import fp16_bytes, k4_levels, quantize_superblocks
 
 QK_K = 256
@@ -23,7 +25,8 @@ _SHIFTS = (2 * np.arange(4, dtype=np.uint8))[None, :, None]
 
 
 def _fill(x: np.ndarray, qw: np.ndarray | None, o: np.ndarray) -> None:
-    d, dmin, sc, L = k4_levels(x, qw, 31, (-0.5, 0.1, 15), clamp_qp_levels=True)
+    levels = affine_numba.k4_levels if affine_numba.USE_NUMBA else k4_levels
+    d, dmin, sc, L = levels(x, qw, 31, (-0.5, 0.1, 15), clamp_qp_levels=True)
     o[:, 0:2] = fp16_bytes(d)
     o[:, 2:4] = fp16_bytes(dmin)
     o[:, 4:16] = sc

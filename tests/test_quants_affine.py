@@ -1,7 +1,10 @@
-"""Q2_K, Q4_K, Q5_K, Q4_1, Q5_1: our numpy quantizers against libggml's ggml_quantize_chunk, byte for byte.
+"""Q2_K, Q4_K, Q5_K, Q4_1, Q5_1: our quantizers against libggml's ggml_quantize_chunk, byte for byte.
 
 Acceptance (from the issue): >= 99.9% of blocks byte-identical; a differing block must have an
 importance-weighted squared error within 1e-6 relative of ggml's. In practice we expect 100%.
+The parity tests run twice, on the numpy reference path and on the optional numba fast path
+(quants/affine_numba.py, switched by affine_numba.USE_NUMBA), and the two paths are also compared
+with each other directly (no libggml needed).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 import quants
+from quants import affine_numba
 from quants import affine_search as aff
 from quants.q2_k import quantize_q2_k
 from quants.q4_1 import quantize_q4_1
@@ -69,8 +73,18 @@ def _mixed_scale(rng: np.random.Generator) -> np.ndarray:
     return (_gauss(rng) * np.exp(rng.uniform(-12, 12, (12, 1)))).astype(np.float32)
 
 
+def _extreme(rng: np.random.Generator) -> np.ndarray:
+    """Blocks from 1e-38 to 1e30, subnormal spreads, and a row whose sums overflow float32 to inf."""
+    scale = np.exp(rng.uniform(-85, 69, (12, N_PER_ROW // 32, 1)))
+    x = (rng.standard_t(3, (12, N_PER_ROW // 32, 32)) * scale).astype(np.float32).reshape(12, N_PER_ROW)
+    x[3, :64] = np.arange(64, dtype=np.float32) * np.float32(1.4e-45)
+    x[4, :128] = np.float32(3e38)
+    x[4, 128:256] = np.float32(-3e38)
+    return x
+
+
 DATASETS = {"gaussian": _gauss, "student_t2": _student2, "student_t3": _student3, "outliers": _outliers,
-            "zeros": _zeros, "tiny": _tiny, "mixed_scale": _mixed_scale}
+            "zeros": _zeros, "tiny": _tiny, "mixed_scale": _mixed_scale, "extreme": _extreme}
 
 
 def _importance(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -114,11 +128,25 @@ def libggml(reference):
     return load_libggml(str(reference.libggml_base()))
 
 
+def _require_numba() -> None:
+    if not affine_numba.AVAILABLE:
+        pytest.skip("numba not installed (or its kernels failed the import self-check): numpy path only")
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def path(request, monkeypatch) -> str:
+    """Run the test on the numpy reference path and again on the numba fast path."""
+    if request.param == "numba":
+        _require_numba()
+    monkeypatch.setattr(affine_numba, "USE_NUMBA", request.param == "numba")
+    return request.param
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("with_importance", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("dataset", list(DATASETS))
 @pytest.mark.parametrize("qtype", list(OURS), ids=lambda t: t.name)
-def test_matches_ggml(libggml, qtype: T, dataset: str, with_importance: bool) -> None:
+def test_matches_ggml(libggml, path: str, qtype: T, dataset: str, with_importance: bool) -> None:
     rng = np.random.default_rng(zlib.crc32(f"{qtype.name}/{dataset}".encode()))
     x = DATASETS[dataset](rng)
     imp = _importance(rng, x.shape[1]) if with_importance else None
@@ -127,7 +155,7 @@ def test_matches_ggml(libggml, qtype: T, dataset: str, with_importance: bool) ->
 
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", list(OURS), ids=lambda t: t.name)
-def test_single_row_and_odd_row_counts(libggml, qtype: T) -> None:
+def test_single_row_and_odd_row_counts(libggml, path: str, qtype: T) -> None:
     """One row (numpy reductions change strategy on a single column) and a row count that is not a chunk multiple."""
     rng = np.random.default_rng(7)
     for n_rows, n in ((1, 256), (3, 512), (1, 4096)):
@@ -138,7 +166,7 @@ def test_single_row_and_odd_row_counts(libggml, qtype: T) -> None:
 
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", list(OURS), ids=lambda t: t.name)
-def test_roundtrip_dequantizers_agree(libggml, qtype: T) -> None:
+def test_roundtrip_dequantizers_agree(libggml, path: str, qtype: T) -> None:
     """Our bytes decode to the same floats with gguf-py's dequantizer and with ggml's."""
     from llamacpp.ggml import ggml_dequantize
 
@@ -180,7 +208,7 @@ def _smollm2_rows() -> list[tuple[str, np.ndarray]]:
 @pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", list(OURS), ids=lambda t: t.name)
-def test_matches_ggml_on_real_weights(libggml, qtype: T) -> None:
+def test_matches_ggml_on_real_weights(libggml, path: str, qtype: T) -> None:
     rng = np.random.default_rng(11)
     tested = 0
     for _name, w in _smollm2_rows():
@@ -221,3 +249,178 @@ def test_seq_min_max_keep_first_zero_sign() -> None:
     x = np.array([[0.0, -0.0, 1.0], [-0.0, 0.0, 2.0], [3.0, 3.0, 0.5]], np.float32)
     assert list(np.signbit(aff.seq_min(x))) == [False, True, False]
     assert list(np.signbit(aff.seq_max(-x))) == [True, False, True]
+
+
+# ---- the numba fast path against the numpy reference (no libggml needed) ----
+
+# the compiled driver each type calls (with importance, without)
+FAST_ENTRY = {T.Q4_1: ("legacy_affine_levels", "legacy_affine_ref"),
+              T.Q5_1: ("legacy_affine_levels", "legacy_affine_ref"),
+              T.Q4_K: ("k4_levels", "k4_levels"), T.Q5_K: ("k4_levels", "k4_levels"), T.Q2_K: ("q2k_levels", "q2k_levels")}
+
+
+def _both_paths(monkeypatch, qtype: T, x: np.ndarray, imp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    monkeypatch.setattr(affine_numba, "USE_NUMBA", False)
+    slow = OURS[qtype](x, imp)
+    monkeypatch.setattr(affine_numba, "USE_NUMBA", True)
+    return slow, OURS[qtype](x, imp)
+
+
+def test_numba_kernels_pass_their_self_check() -> None:
+    """Where numba is installed the fast path must be on: a kernel that fails its import check falls back to
+    numpy silently for users, so here it fails loudly."""
+    pytest.importorskip("numba")
+    assert affine_numba.AVAILABLE and affine_numba.USE_NUMBA
+
+
+@pytest.mark.parametrize("with_importance", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("dataset", [*DATASETS, "huge"])
+@pytest.mark.parametrize("qtype", list(OURS), ids=lambda t: t.name)
+def test_numba_path_equals_numpy_path(monkeypatch, qtype: T, dataset: str, with_importance: bool) -> None:
+    _require_numba()
+    rng = np.random.default_rng(zlib.crc32(f"fast/{qtype.name}/{dataset}".encode()))
+    if dataset == "huge":  # sums overflow to inf in float32, as they do in ggml
+        x = (_gauss(rng) * np.float32(3e37)).astype(np.float32)
+        x[0, :40] = np.float32(3.4e38)
+    else:
+        x = DATASETS[dataset](rng)
+    x = x[:, :768] if qtype in (T.Q4_1, T.Q5_1) else x  # 768: rows of 24 blocks, tiles that end mid-row
+    imp = _importance(rng, x.shape[1]) if with_importance else None
+    slow, fast = _both_paths(monkeypatch, qtype, np.ascontiguousarray(x), imp)
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("with_importance", [True, False], ids=["imatrix", "plain"])
+@pytest.mark.parametrize("qtype", list(OURS), ids=lambda t: t.name)
+def test_numba_path_is_used(monkeypatch, qtype: T, with_importance: bool) -> None:
+    """USE_NUMBA really switches to the compiled drivers (else the parametrised parity tests prove nothing)."""
+    _require_numba()
+    calls = []
+    name = FAST_ENTRY[qtype][0 if with_importance else 1]
+    real = getattr(affine_numba, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(affine_numba, name, spy)
+    x = np.random.default_rng(1).standard_normal((2, 512)).astype(np.float32)
+    imp = np.ones(512, np.float32) if with_importance else None
+    monkeypatch.setattr(affine_numba, "USE_NUMBA", False)
+    OURS[qtype](x, imp)
+    assert not calls
+    monkeypatch.setattr(affine_numba, "USE_NUMBA", True)
+    OURS[qtype](x, imp)
+    assert calls
+
+
+def _nasty_blocks(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
+    """Blocks (n, m) at scales from 1e-38 to 1e30, with zero, signed-zero, constant and one-outlier blocks."""
+    x = (rng.standard_t(3, (n, m)) * np.exp(rng.uniform(-85, 69, (1, m)))).astype(np.float32)
+    x[:, ::17] = 0.0
+    x[::2, 1::17] = -0.0
+    x[:, 2::17] = np.float32(0.25)
+    x[:, 3::17] = np.float32(-1.5)
+    x[5, 4::17] = np.float32(1e4)
+    x[:, 5::17] = np.abs(x[:, 5::17])  # min > 0: the offset is clamped to 0
+    return x
+
+
+@pytest.mark.parametrize("n", [16, 32])
+def test_compiled_make_qkx_equals_numpy(n: int) -> None:
+    _require_numba()
+    rng = np.random.default_rng(n)
+    x = _nasty_blocks(rng, n, 331)  # 331: five full 64-block tiles and a partial one
+    w = rng.gamma(0.7, 1.0, x.shape).astype(np.float32)
+    w[:, ::7] = 0.0
+    for nmax, rmin, rdelta, nstep, use_mad, ww in ((15, -0.9, 0.05, 36, False, w), (31, -0.5, 0.1, 15, False, w),
+                                                  (3, -0.5, 0.1, 15, True, np.abs(x)), (15, -1.0, 0.1, 0, False, w)):
+        with np.errstate(all="ignore"):
+            want = aff.make_qkx(x, ww, nmax, rmin, rdelta, nstep, use_mad)
+        got = affine_numba.make_qkx(x, ww, nmax, rmin, rdelta, nstep, use_mad)
+        rows = affine_numba.make_qkx_rows(np.ascontiguousarray(x.T), np.ascontiguousarray(ww.T), nmax, rmin, rdelta,
+                                          nstep, use_mad)
+        for a, b, c in zip(want, got, (rows[0], rows[1], rows[2].T), strict=True):
+            np.testing.assert_array_equal(b.view(np.uint8), a.view(np.uint8), err_msg=f"nmax {nmax}")
+            np.testing.assert_array_equal(c.view(np.uint8), a.view(np.uint8), err_msg=f"rows, nmax {nmax}")
+
+
+@pytest.mark.parametrize("n, nmax", [(8, 63), (16, 15)])
+def test_compiled_make_qp_equals_numpy(n: int, nmax: int) -> None:
+    """Also with negative inputs, whose levels C wraps to a byte, and all-zero weights."""
+    _require_numba()
+    rng = np.random.default_rng(nmax)
+    x = _nasty_blocks(rng, n, 400)
+    x[:, 200:] = np.abs(x[:, 200:])
+    # plus many ordinary blocks, where near-ties between the candidate scales decide the result
+    x = np.concatenate([x, np.abs(rng.standard_normal((n, 20000))).astype(np.float32)], axis=1)
+    qw = rng.gamma(0.5, 1.0, x.shape).astype(np.float32)
+    qw[:, ::9] = 0.0
+    with np.errstate(all="ignore"):
+        want = aff.make_qp(x, qw, nmax)
+    got = affine_numba.make_qp(x, qw, nmax)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(b.view(np.uint8), a.view(np.uint8))
+
+
+def test_compiled_requantize_equals_numpy() -> None:
+    """The final K-quant pass, including zero scales (levels kept) and negative ones."""
+    _require_numba()
+    rng = np.random.default_rng(6)
+    x = _nasty_blocks(rng, 32, 300).T.copy()
+    d = (rng.standard_normal(300) * np.exp(rng.uniform(-80, 60, 300))).astype(np.float32)
+    d[::4] = 0.0
+    d[1::8] = -0.0
+    dm = (rng.standard_normal(300) * np.abs(d)).astype(np.float32)
+    for nmax in (3, 15, 31):
+        L = rng.integers(0, nmax + 1, x.shape).astype(np.uint8)
+        with np.errstate(all="ignore"):
+            want = aff.requantize(x.T, d, dm, L.T, nmax).T
+        np.testing.assert_array_equal(affine_numba.requantized(x, d, dm, L.copy(), nmax), want)
+
+
+@pytest.mark.parametrize("nmax", [15, 31])
+def test_compiled_legacy_ref_equals_numpy(nmax: int) -> None:
+    """Q4_1/Q5_1 without importance, including levels out of byte range (the block spread overflows to inf)."""
+    _require_numba()
+    rng = np.random.default_rng(nmax)
+    x = _nasty_blocks(rng, 32, 300).T.copy()
+    x[7, :16] = np.float32(3e38)
+    x[7, 16:] = np.float32(-3e38)
+    x[8, 0] = np.float32(-3.4e38)
+    x[9] = np.arange(32, dtype=np.float32) * np.float32(1.4e-45)  # subnormal scale: 1/d is inf
+    with np.errstate(all="ignore"):
+        want = aff.legacy_affine_ref(x, nmax)
+        got = affine_numba.legacy_affine_ref(x, nmax)
+    assert (want[2][9] == 0).all() and not (want[2][9 + 1] == 0).all()  # the inf path ran, and not everywhere
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(b.view(np.uint8), a.view(np.uint8))
+
+
+def test_compiled_sums_are_sequential() -> None:
+    """seq_row_sums adds in element order from +0.0 (a pairwise or reordered sum would differ here)."""
+    _require_numba()
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((5, 256)) * np.exp(rng.standard_normal((5, 256)) * 6)).astype(np.float32)
+    for square in (False, True):
+        want = aff.seq_sum(np.ascontiguousarray((x * x if square else x).T))
+        np.testing.assert_array_equal(affine_numba.seq_row_sums(x, square).view(np.int32), want.view(np.int32))
+
+
+def test_quantizers_work_without_numba(tmp_path) -> None:
+    """Without numba the package imports, USE_NUMBA is False and the numpy path quantizes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import numpy as np, quants\n"
+        "from quants import affine_numba\n"
+        "assert not affine_numba.AVAILABLE and not affine_numba.USE_NUMBA\n"
+        "x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)\n"
+        "for t in ('q4_1', 'q5_1', 'q4_k', 'q5_k', 'q2_k'):\n"
+        "    assert quants.quantize(x, t, np.ones(256, np.float32)).shape[0] == 2\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES))
     ap.add_argument("--quantizer", default="numpy", help="backends to time, comma-separated (numpy, ggml)")
     ap.add_argument("--sample", default="1,0.25", help="row fractions to time, comma-separated (1 = exact)")
+    ap.add_argument("--scaling-layers", type=int, default=4,
+                    help="also time the first N layers with 1, 2, 4, ... workers up to --workers (0 = skip)")
     ap.add_argument("--keep", default=None, help="directory for the GGUF/imatrix/db (default: a temp dir)")
     a = ap.parse_args()
     model = Path(a.model)
@@ -87,7 +89,30 @@ def main() -> int:
         print(f"ours ({label}): {s.n_tensors} tensors x {s.n_types} types ({s.computed} results, "
               f"{s.not_applicable} n/a) in {t_ours:.1f}s with {a.workers} workers")
         print(f"ratio ours/reference [{label}] = {t_ours / t_ref:.2f} (target <= 0.5)", flush=True)
+    if a.scaling_layers > 0:
+        scaling(model, imat, types, a.scaling_layers, a.workers, work)
     return 0
+
+
+def scaling(model: Path, imat: Path, types: list[str], n_layers: int, max_workers: int, work: Path) -> None:
+    """Throughput of the same exact measurement (the first n_layers blocks) with 1, 2, 4, ... workers."""
+    import catalog
+    from measure.run import run
+
+    names = [i.name for i in catalog.list_tensors(model)
+             if i.quantizable and i.layer is not None and i.layer < n_layers]
+    counts = sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w < max_workers], max_workers})
+    base = None
+    for w in counts:
+        db = work / f"scaling-{w}.db"
+        for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
+            p.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        run(model, db, imatrix_paths=[imat], types=types, workers=w, progress=False, tensors=names)
+        dt = time.perf_counter() - t0
+        base = base or dt
+        print(f"scaling: {len(names)} tensors ({n_layers} layers) x {len(types)} types, {w:2d} workers: {dt:6.1f}s, "
+              f"speed-up {base / dt:.2f}x (ideal {w}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,12 @@ def _worker_init() -> None:
         os.environ[var] = "1"
 
 
+def _worker_warm_up() -> None:
+    """Import the quantizers (and load their compiled kernels) while the parent is still importing the converter."""
+    import measure.roundtrip  # noqa: F401
+    import quants  # noqa: F401
+
+
 def _measure_unit(path: str, name: str, qtype: str, importance: np.ndarray | None, cls: str,
                   layer: int | None, backend: str = "numpy", sample: float = 1.0
                   ) -> tuple[str, str, Measurement | None, float]:
@@ -105,10 +111,8 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
         progress: bool = True, tensors: Sequence[str] | None = None, backend: str = "numpy",
         sample: float = 1.0) -> RunSummary:
     """Measure and store; raises catalog.ModelInputError / ImatrixError / DBError for bad input."""
-    import catalog
-    from measure.db import DBError, MeasurementDB, model_fingerprint, quantizer_version
-    from measure.imatrix import load_imatrix
-    from measure.roundtrip import DEFAULT_TYPES, applicable
+    from measure.db import DBError
+    from measure.roundtrip import DEFAULT_TYPES
 
     t_start = time.monotonic()
     if not 0.0 < sample <= 1.0:
@@ -123,6 +127,27 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
             raise DBError(f"--quantizer ggml needs the reference libggml-base ({e})") from None
     model_dir = Path(model_dir)
     types = list(types or DEFAULT_TYPES)
+    n_workers = max(1, workers or os.cpu_count() or 1)
+    # workers start now (forked before the parent imports torch and the converter) and warm up meanwhile
+    pool = ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init) if n_workers > 1 else None
+    try:
+        if pool is not None:
+            for _ in range(n_workers):
+                pool.submit(_worker_warm_up)
+        return _run(model_dir, db_path, pool, n_workers, imatrix_paths, combine, types, progress, tensors, backend,
+                    sample, t_start)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine: str, types: list[str],
+         progress: bool, tensors, backend: str, sample: float, t_start: float) -> RunSummary:
+    import catalog
+    from measure.db import MeasurementDB, model_fingerprint, quantizer_version
+    from measure.imatrix import load_imatrix
+    from measure.roundtrip import applicable
+
     infos = catalog.list_tensors(model_dir)
     quant = [i for i in infos if i.quantizable and (tensors is None or i.name in set(tensors))]
     imat = load_imatrix(list(imatrix_paths), combine) if imatrix_paths else None
@@ -154,17 +179,16 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
         total_units = sum(len(v) for v in todo.values())
         bar = Progress(len(quant), total_units, sum(by_name[n].n_params * len(v) for n, v in todo.items()), progress)
         bar.tensors_done = len(quant) - len(todo)
-        n_workers = max(1, workers or os.cpu_count() or 1)
         computed = 0
         if todo:
-            computed = _execute(model_dir, db, key, todo, by_name, imat, n_workers, bar, backend, sample)
+            computed = _execute(model_dir, db, key, todo, by_name, imat, pool, n_workers, bar, backend, sample)
         bar.close()
     finally:
         db.close()
     return RunSummary(Path(db_path), key, len(quant), len(types), computed, skipped, n_na, time.monotonic() - t_start)
 
 
-def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name: dict, imat, n_workers: int,
+def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name: dict, imat, pool, n_workers: int,
              bar: Progress, backend: str, sample: float) -> int:
     import catalog
 
@@ -172,9 +196,7 @@ def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name:
     remaining = {n: len(v) for n, v in todo.items()}
     computed = 0
     max_inflight = 3 * n_workers
-    pool = None
     try:
-        pool = ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init) if n_workers > 1 else None
         pending: set[Future] = set()
 
         def collect(block: bool) -> None:
@@ -214,8 +236,10 @@ def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name:
         while pending:
             collect(block=True)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if pending:
+            for f in pending:
+                f.cancel()
+            wait(pending)  # running units finish before their inputs disappear
         shutil.rmtree(shm, ignore_errors=True)
     return computed
 

@@ -9,8 +9,9 @@ unrolls those 8 (a constant trip count) and keeps the sums in registers instead 
 element (about 1.8x faster).  No fastmath, so no FMA contraction or reassociation (libggml-base is built
 the same way); error_model="numpy" gives IEEE division (inf/NaN instead of exceptions), as C does.
 
-Covered: make_qx_quants(rmse_type=1, weights) for Q4_0/Q5_0 with an imatrix (quantize_row_q{4,5}_0_impl)
-and for Q6_K (with and without an imatrix); the IQ4_NL / IQ4_XS block-scale search (quantize_row_iq4_nl_impl,
+Covered: make_qx_quants(rmse_type=1, weights) for Q4_0/Q5_0 with an imatrix (quantize_row_q{4,5}_0_impl),
+for Q6_K (with and without an imatrix) and for Q3_K with an imatrix (q3k_levels: the per-sub-block level
+search of quantize_row_q3_K_impl); the IQ4_NL / IQ4_XS block-scale search (quantize_row_iq4_nl_impl,
 ntry 7) and their final level choice.  `AVAILABLE` is False when numba is missing or a kernel cannot be
 compiled; every caller also checks its fast path against its numpy path at import (`self_check`) and uses
 numpy on any mismatch.
@@ -313,6 +314,61 @@ def q6k_pack(xb, L, d, out):
                 out[s, 64 * h + k] = (q1 & 0xF) | ((q3 & 0xF) << 4)
                 out[s, 64 * h + k + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
                 out[s, 128 + 32 * h + k] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+
+
+@_jit()
+def q3k_levels(xb, imp, scales_out, sw_out, L_out):
+    """First level of quantize_row_q3_K_impl (with an imatrix) for super-blocks xb (nsb, 256), imp
+    (n_per_row,): per 16-sub-block the weights w = qw * sqrtf(sigma2 + x*x), sigma2 = 2*sum(x*x)/256 over the
+    super-block, their sum sw -> sw_out (nsb, 16), and make_qx_quants(16, 4, x, w) -> scales_out (nsb, 16),
+    L_out (nsb, 256) uint8 in [0, 7].  A tile holds TILE/16 whole super-blocks."""
+    nsb = xb.shape[0]
+    n_imp = imp.shape[0]
+    per = TILE // 16
+    xt = np.zeros(16 * TILE, dtype=np.float32)
+    wt = np.zeros(16 * TILE, dtype=np.float32)
+    lev = np.empty(16 * TILE, dtype=np.uint8)
+    scale = np.empty(TILE, dtype=np.float32)
+    sig = np.empty(TILE, dtype=np.float32)
+    ws = np.empty((7, TILE), dtype=np.float32)
+    two = np.float32(2.0)
+    fqk = np.float32(256.0)
+    for s0 in range(0, nsb, per):
+        ns = min(per, nsb - s0)
+        nb = 16 * ns
+        for t in range(ns):
+            acc = _ZERO
+            for j in range(256):
+                acc += xb[s0 + t, j] * xb[s0 + t, j]
+            sg = two * acc / fqk
+            for j in range(16):
+                sig[16 * t + j] = sg
+        for b in range(nb):
+            s = s0 + b // 16
+            c = 16 * (b % 16)
+            c0 = (256 * s + c) % n_imp
+            for i in range(16):
+                xt[i * TILE + b] = xb[s, c + i]
+                wt[i * TILE + b] = imp[c0 + i]
+        for i in range(16):
+            for b in range(nb):
+                v = xt[i * TILE + b]
+                wt[i * TILE + b] = wt[i * TILE + b] * np.sqrt(sig[b] + v * v)
+        sw = ws[0]
+        for b in range(nb):
+            sw[b] = _ZERO
+        for i in range(16):
+            for b in range(nb):
+                sw[b] += wt[i * TILE + b]
+        for b in range(nb):
+            sw_out[s0 + b // 16, b % 16] = sw[b]
+        _qx_tile(xt, wt, 16, nb, 4, scale, lev, ws)
+        for b in range(nb):
+            s = s0 + b // 16
+            j = b % 16
+            scales_out[s, j] = scale[b]
+            for i in range(16):
+                L_out[s, 16 * j + i] = lev[i * TILE + b]
 
 
 @_jit()

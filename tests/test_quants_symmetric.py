@@ -45,8 +45,9 @@ def fast_path(request, monkeypatch) -> str:
         if not _numba_available():
             pytest.skip("numba not installed (or failed to compile): the numpy paths are tested alone")
     else:
-        for m in mods:
-            monkeypatch.setattr(m, "USE_NUMBA", False)
+        for m in mods:  # every flag: USE_NUMBA, and Q3_K's USE_NUMBA_IMATRIX for its imatrix path
+            for flag in [name for name in vars(m) if name.startswith("USE_NUMBA")]:
+                monkeypatch.setattr(m, flag, False)
     return request.param
 
 
@@ -344,7 +345,7 @@ def test_make_qx_quants_matches_scalar_port():
             assert same and L[:, b].tolist() == L_ref, (nmax, b)
 
 
-# ---- Q3_K without importance has an optional numba fast path; the numpy path stays the reference
+# ---- Q3_K has optional numba fast paths with and without importance; the numpy path stays the reference
 
 
 @pytest.mark.reference
@@ -367,6 +368,76 @@ def test_q3_k_numba_path_equals_numpy_path(kind):
     xb = rows.reshape(-1, 256)
     with np.errstate(all="ignore"):
         np.testing.assert_array_equal(q3_k._ref_blocks_numba(xb), q3_k._ref_blocks(xb))
+
+
+def _q3_k_both_paths(rows: np.ndarray, imp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    from quants import q3_k
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither path may leak overflow/invalid warnings
+        return q3_k._quantize(rows, imp, fast=True), q3_k._quantize(rows, imp, fast=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_q3_k_imatrix_numba_path_equals_numpy_path(kind):
+    """13 rows of 1536 (78 super-blocks): many tiles of 4 super-blocks, the last one partial."""
+    _require_numba()
+    seed = 400 + KINDS.index(kind)
+    rows = make_rows(kind, 13, 1536, seed)
+    fast, ref = _q3_k_both_paths(rows, make_importance(1536, seed))
+    np.testing.assert_array_equal(fast, ref)
+
+
+@pytest.mark.parametrize("imp_kind", ["all_zero", "extreme"])
+def test_q3_k_imatrix_numba_path_equals_numpy_path_nasty_importance(imp_kind, monkeypatch):
+    """Huge rows with extreme importance overflow some sub-block scales to inf/NaN: the scale-of-scales
+    search then takes numpy for those super-blocks only, the compiled search for the others."""
+    _require_numba()
+    from quants import q3_k
+
+    splits = []
+    real = q3_k._scale_of_scales
+
+    def spy(scales, sw):
+        finite = np.isfinite(scales).all(axis=1)
+        splits.append((int(finite.sum()), int((~finite).sum())))
+        return real(scales, sw)
+
+    monkeypatch.setattr(q3_k, "_scale_of_scales", spy)
+    for kind in ("gaussian", "zeros", "tiny", "huge"):
+        rows = make_rows(kind, 6, 768, 500 + KINDS.index(kind))
+        fast, ref = _q3_k_both_paths(rows, _extreme_importance(imp_kind, 768))
+        np.testing.assert_array_equal(fast, ref, err_msg=kind)
+    if imp_kind == "extreme":  # the mixed case was really exercised
+        assert any(ok and bad for ok, bad in splits), splits
+
+
+def test_q3_k_fast_paths_enabled_and_taken(monkeypatch):
+    """With numba both Q3_K flags passed their import-time checks and the public quantizer does go through
+    the compiled imatrix kernel (so the "numba" parity runs test it, not numpy twice)."""
+    _require_numba()
+    from quants import q3_k, symmetric_numba
+
+    assert q3_k.USE_NUMBA and q3_k.USE_NUMBA_IMATRIX
+
+    class Taken(Exception):
+        pass
+
+    def taken(*args, **kwargs):
+        raise Taken
+
+    monkeypatch.setattr(symmetric_numba, "q3k_levels", taken)
+    rows = make_rows("gaussian", 2, 512, 1)
+    with pytest.raises(Taken):
+        quants._own_quantizer(T.Q3_K)(rows, make_importance(512, 1))
+
+
+def test_q3_k_no_rows(fast_path):
+    """Zero rows give zero blocks of the right row length, on either path, with and without importance."""
+    for imp in (None, make_importance(512, 0)):
+        got = ours(T.Q3_K, np.zeros((0, 512), np.float32), imp)
+        assert got.shape == (0, quants.row_bytes(T.Q3_K, 512)) and got.dtype == np.uint8
 
 
 # ---- the numba fast paths (symmetric_numba) against the numpy paths, byte for byte; no libggml needed

@@ -190,6 +190,27 @@ class Bench:
                 for r in rep.get("probes", []):
                     if r.get("label") in by_label:
                         memo[_assign_key(by_label[r["label"]])] = float(r["kld"])
+        probe = self.memo_probe(memo, memo_path, imatrix_path)
+        log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name}; "
+            f"{len(memo)} already measured)")
+        t0 = time.time()
+        cal = fit(cands, probe, steps=a.probe_steps, log=log)
+        cal.report["seconds"] = round(time.time() - t0, 1)
+        cal.report["probe_key"] = pk
+        cal.save(out)
+        return cal
+
+    def selection_probe(self, imatrix_path: Path):
+        """Memoised probe for whole plans (same text and settings as the calibration probes)."""
+        a = self.a
+        pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
+                    *(("emulate",) if a.probe_emulate else ()))
+        memo_path = self.dir / f"probes-{pk}.json"
+        memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+        return self.memo_probe(memo, memo_path, imatrix_path)
+
+    def memo_probe(self, memo: dict[str, float], memo_path: Path, imatrix_path: Path):
+        """probe(assignments) -> KLD, memoised on disk by assignment (the session starts on the first miss)."""
         session_probe = None
 
         def probe(assign: dict[str, str]) -> float:
@@ -203,15 +224,7 @@ class Bench:
                 tmp.write_text(json.dumps(memo))
                 os.replace(tmp, memo_path)
             return memo[key]
-
-        log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name}; "
-            f"{len(memo)} already measured)")
-        t0 = time.time()
-        cal = fit(cands, probe, steps=a.probe_steps, log=log)
-        cal.report["seconds"] = round(time.time() - t0, 1)
-        cal.report["probe_key"] = pk
-        cal.save(out)
-        return cal
+        return probe
 
     def probe_fn(self, imatrix_path: Path):
         from measure.imatrix import load_imatrix
@@ -238,10 +251,13 @@ class Bench:
         from strategy.plan import save_plan
 
         plan_name = f"plan-{mix}-{method}.yaml"
-        res = build(ctx["meas"], ctx["metas"], method="ashq1" if method == "ashq1" else "budget",
-                    target_size=target, calibration=ctx["cal"] if method == "cal" else None,
-                    constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
-                    importance=ctx["facts"].importance, groups=ctx["facts"].groups or None, plan_file_name=plan_name)
+        kw = dict(constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
+                  importance=ctx["facts"].importance, groups=ctx["facts"].groups or None, plan_file_name=plan_name)
+        if method == "cal":
+            res = self.select_plan(mix, target, ctx, kw)
+        else:
+            res = build(ctx["meas"], ctx["metas"], method="ashq1" if method == "ashq1" else "budget",
+                        target_size=target, **kw)
         d = self.dir / "plans"
         d.mkdir(exist_ok=True)
         tmp_plan = d / f".{plan_name}"
@@ -261,6 +277,26 @@ class Bench:
             log(f"WARNING: {out.name} is {actual} bytes, over the stock size {target}")
         ctx.setdefault("plans", {})[(mix, method)] = res
         return out
+
+    def select_plan(self, mix: str, target: int, ctx: dict, kw: dict):
+        """The calibrated plan: one candidate per calibration variant (proxy) plus the stock-like mix of this size,
+        each measured by a probe on the probe text (never the evaluation text); the lowest KLD is kept."""
+        from strategy.build import build, stock_choice
+        from strategy.select import select_by_probe
+
+        results = {f"cal-{p}": build(ctx["meas"], ctx["metas"], method="budget", target_size=target, calibration=v,
+                                     **kw) for p, v in ctx["cal"].variants().items()}
+        c = next(iter(results.values())).cands
+        choices = {k: r.choice for k, r in results.items()}
+        ch, _ = stock_choice(c, ctx["metas"], mix=mix)
+        if c.size_of(ch) <= target:
+            choices["stock-like"] = ch
+        best, trials = select_by_probe(c, choices, ctx["probe"], log=log)
+        ctx.setdefault("selection", {})[mix] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
+        log(f"  {mix}: chose {best}")
+        if best in results:
+            return results[best]
+        return build(ctx["meas"], ctx["metas"], method="stock", stock_mix=mix, **kw)
 
     def cli_check(self, mix: str, target: int) -> str:
         """`python -m strategy build` with --check-text: the CLI's own plan-vs-stock-like verdict (its exit code
@@ -377,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     kv = estimate_metadata_bytes(b.model)
     cands = build_candidates(meas, metas, metadata_bytes=kv, importance=facts.importance)
     cal = b.calibration(cands, im)
-    ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal}
+    ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal,
+           "probe": b.selection_probe(im)}
     n_params = sum(m.n_params for m in metas)
 
     rows: list[dict] = []
@@ -394,11 +431,18 @@ def main(argv: list[str] | None = None) -> int:
 
     check = b.cli_check(a.check_mix, stock[a.check_mix].stat().st_size) if a.check_mix in mixes else None
     ok = report(rows, mixes, base_info, cal, a, time.time() - t_start)
+    if ctx.get("selection"):
+        print(f"\nplan selection by probe ({a.probe_chunks} x {a.probe_ctx} tokens of the calibration text's held-out "
+              f"part; the lowest probe KLD is the calibrated plan):")
+        for mix, sel in ctx["selection"].items():
+            print(f"  {mix:8s} " + ", ".join(f"{t['label']} {t['kld']:.5f}" + (" *" if t["label"] == sel["chosen"] else "")
+                                          for t in sel["trials"]))
     if check:
         print(f"\n`python -m strategy build` end-to-end check at the {a.check_mix} size "
               f"({a.probe_chunks} chunks of the calibration text):\n  {check}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "pass": ok}, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "selection": ctx.get("selection"),
+                                            "pass": ok}, indent=1))
     return 0 if ok else 1
 
 

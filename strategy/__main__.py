@@ -105,6 +105,9 @@ def cmd_build(a: argparse.Namespace) -> int:
                 knee_tolerance=a.knee_tolerance, calibration=cal, constraints=cons,
                 metadata_bytes=kv, model=model, stock_mix=a.stock_mix, importance=importance, groups=groups,
                 plan_file_name=Path(a.output).name, log=print)
+    if method == "budget" and cal is not None and cal.alternatives and getattr(a, "check_text", None) \
+            and not a.no_select and metas is not None:
+        res = _select(a, res, meas, metas, kv, cal, cons, importance, groups, target_size, method)
     dt = time.perf_counter() - t0
     for m in res.messages:
         print(f"note: {m}")
@@ -119,6 +122,44 @@ def cmd_build(a: argparse.Namespace) -> int:
     save_plan(res.plan, a.output)
     print(f"wrote {a.output}")
     return code
+
+
+def _select(a, res, meas, metas, kv, cal, cons, importance, groups, target_size, method):
+    """Build one plan per calibration variant (proxy) and the stock-like mix that fits, probe each end to end on
+    --check-text, keep the lowest KLD (strategy.select)."""
+    from strategy.build import build, stock_choice
+    from strategy.select import select_by_probe
+
+    engine = _probe_engine(a)
+    if engine is None:
+        print("select: no verify engine available; keeping the calibration's own choice of proxy")
+        return res
+    results = {f"calibrated ({cal.proxy})": res}
+    for p, v in cal.variants().items():
+        if p != cal.proxy:
+            results[f"calibrated ({p})"] = build(meas, metas, method=method, target_size=target_size,
+                                                 target_bpw=a.target_bpw, calibration=v, constraints=cons,
+                                                 metadata_bytes=kv, model=res.plan.model, importance=importance,
+                                                 groups=groups, plan_file_name=Path(a.output).name)
+    c = res.cands
+    choices = {k: r.choice for k, r in results.items()}
+    stock_mix = None
+    try:
+        ch, stock_mix = stock_choice(c, metas, budget=res.plan.target.get("bytes"))
+        choices[f"stock-like {stock_mix}"] = ch
+    except StrategyError:
+        pass
+    print(f"select: probing {len(choices)} candidate plans on {a.check_chunks} chunks of {a.check_text}")
+    best, trials = select_by_probe(c, choices, engine, log=print)
+    if best in results:
+        chosen = results[best]
+    else:
+        chosen = build(meas, metas, method="stock", stock_mix=stock_mix, constraints=cons, metadata_bytes=kv,
+                       model=res.plan.model, importance=importance, plan_file_name=Path(a.output).name)
+        print(f"select: the stock-like {stock_mix} mix measured best; writing it (no calibrated plan beat it)")
+    chosen.plan.target["selection"] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
+    print(f"select: chose {best}")
+    return chosen
 
 
 def _stock_check(a, res, meas, metas, kv, cal, cons=None, importance=None) -> int:
@@ -163,6 +204,8 @@ def _probe_engine(a):
     Round trips use the imatrix (--imatrix) as the converter would, so the probe measures the file we write."""
     if not getattr(a, "check_text", None) or not a.model:
         return None
+    if getattr(a, "_probe", None) is not None:  # one session per command: loading the model is the slow part
+        return a._probe
     try:
         from verify.probe import ProbeSession  # the verify engineer's engine
     except ImportError:
@@ -178,11 +221,9 @@ def _probe_engine(a):
             v = im.importance_for(name, tuple(w.shape)) if name in im else None
             if v is not None:
                 imp[name] = v
-    if hasattr(session, "kld"):
-        return session.kld
-
     def probe(assign: dict[str, str]) -> float:
         return float(session.probe(assign, importance={n: imp[n] for n in assign if n in imp}).kld_mean)
+    a._probe = probe
     return probe
 
 
@@ -274,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--imatrix", help="imatrix (GGUF or .dat): coverage limits, ASHQ1 importance and tied groups")
     b.add_argument("--check-text", help="evaluation text for the end-to-end check against stock")
     b.add_argument("--check-chunks", type=int, default=4)
+    b.add_argument("--emulate-ggml", action="store_true",
+                   help="the check's probes round activations as llama.cpp's CPU matmul does (about 2x slower)")
+    b.add_argument("--no-select", action="store_true",
+                   help="with --check-text and a calibration that holds several proxies, the plan of each proxy and "
+                        "the stock-like mix are probed and the lowest KLD is written; this keeps the calibration's "
+                        "own choice without probing")
     b.add_argument("-o", "--output", required=True)
     b.set_defaults(fn=cmd_build)
 

@@ -61,6 +61,17 @@ class Calibration:
     # tensor -> multiplier on its group's scale, from a single-tensor probe (layer 0 / last layer often differ
     # from their depth bucket by several x)
     tensor_scales: dict[str, float] = field(default_factory=dict)
+    # proxy -> the same fit with that proxy (no report): candidates for strategy.select, which measures plans
+    # built from each instead of trusting the held-out ranking of a few probes
+    alternatives: dict[str, dict] = field(default_factory=dict)
+
+    def variants(self) -> dict[str, Calibration]:
+        """This calibration under its own proxy plus one per stored alternative proxy."""
+        out = {self.proxy: self}
+        for p, d in self.alternatives.items():
+            if p != self.proxy:
+                out[p] = Calibration.from_dict({**d, "format": FORMAT, "proxy": p})
+        return out
 
     def scale(self, cls: str, layer: int | None, n_layers: int, qtype: str | None = None) -> float:
         key = group_key(cls, layer, n_layers)
@@ -75,7 +86,8 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "proxy": self.proxy, "scales": self.scales, "type_scales": self.type_scales,
                 "tensor_scales": self.tensor_scales,
-                "class_scales": self.class_scales, "global_scale": self.global_scale, "report": self.report}
+                "class_scales": self.class_scales, "global_scale": self.global_scale,
+                **({"alternatives": self.alternatives} if self.alternatives else {}), "report": self.report}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<calibration>") -> Calibration:
@@ -88,7 +100,8 @@ class Calibration:
                    proxy=str(d.get("proxy", "wmse")),
                    type_scales={k: {t.upper(): float(x) for t, x in v.items()}
                                 for k, v in (d.get("type_scales") or {}).items()},
-                   tensor_scales={k: float(v) for k, v in (d.get("tensor_scales") or {}).items()})
+                   tensor_scales={k: float(v) for k, v in (d.get("tensor_scales") or {}).items()},
+                   alternatives=dict(d.get("alternatives") or {}))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -356,13 +369,16 @@ def fit(c: Candidates, probe: Probe, *, n_random: int = 8, seed: int = 0, n_sing
                         "predicted": predict(c, a, cal), "uncalibrated": predict(c, a, None, "wmse")})
     # final model: group scales from the fit probes plus, where a group was probed at a type (fit or held-out
     # group probes), that exact measured ratio; the random mixes stay unseen and check it
-    if type_scales:
-        cal.type_scales = _type_scales(c, fit_rows + held_rows, best)
-    if tensor_scales:
-        for label, a, kld in held_rows:
-            if label.startswith("single:"):
-                name = label.split(":", 1)[1]
-                cal.tensor_scales[name] = max(kld, 1e-9) / max(predict(c, a, cal), 1e-300)
+    for p, cal_p in cals.items():
+        if type_scales:
+            cal_p.type_scales = _type_scales(c, fit_rows + held_rows, p)
+        if tensor_scales:
+            for label, a, kld in held_rows:
+                if label.startswith("single:"):
+                    name = label.split(":", 1)[1]
+                    cal_p.tensor_scales[name] = max(kld, 1e-9) / max(predict(c, a, cal_p), 1e-300)
+    cal.alternatives = {p: {k: v for k, v in cal_p.to_dict().items() if k not in ("report", "format", "proxy")}
+                        for p, cal_p in cals.items() if p != best}
     rand = [(predict(c, a, cal), k) for label, a, k in held_rows if label.startswith("random")]
     cal.report = {
         "proxy": best,

@@ -1,0 +1,92 @@
+"""Plan selection by measured end-to-end KLD: the unit (synthetic probe) and the CLI on a real tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from strategy_synth import synth_model  # noqa: E402
+
+from strategy.budget import allocate  # noqa: E402
+from strategy.calibrate import Calibration, fit  # noqa: E402
+from strategy.problem import build_candidates  # noqa: E402
+from strategy.select import select_by_probe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_select_keeps_the_lowest_measured_kld_and_probes_each_plan_once():
+    meas, metas = synth_model(n_layers=4, seed=3)
+    c = build_candidates(meas, metas)
+    budget = int(c.min_bytes() + 0.4 * (c.max_bytes() - c.min_bytes()))
+    a, _ = allocate(c, budget)
+    b = a.copy()
+    b[0] = int(np.flatnonzero(c.valid[0])[0])  # another plan: tensor 0 at its first valid type
+    calls = []
+
+    def probe(assign):
+        calls.append(dict(assign))
+        return 0.5 if assign == c.types_of(b) else 1.0
+
+    best, trials = select_by_probe(c, {"a": a, "a-again": a.copy(), "b": b}, probe)
+    assert best == "b" and len(calls) == 2  # identical plans share one probe
+    assert [t.kld for t in trials] == [1.0, 1.0, 0.5] and trials[0].size == c.size_of(a)
+    best, _ = select_by_probe(c, {"first": a, "second": a.copy()}, lambda s: 1.0)
+    assert best == "first"  # ties keep the preferred (first) candidate
+    with pytest.raises(ValueError):
+        select_by_probe(c, {}, probe)
+
+
+def test_calibration_keeps_one_variant_per_proxy_and_round_trips(tmp_path):
+    meas, metas = synth_model(n_layers=6, seed=4)
+    c = build_candidates(meas, metas)
+    idx = c.index()
+
+    def probe(assign):
+        return sum(c.err[idx[n], c.types.index(t)] * c.n_params[idx[n]] * 1e-6 for n, t in assign.items())
+
+    cal = fit(c, probe, n_random=4, proxies=("wmse", "mse", "rel2"))
+    v = cal.variants()
+    assert set(v) == {"wmse", "mse", "rel2"} and v[cal.proxy] is cal
+    for p, alt in v.items():
+        assert alt.proxy == p and alt.scales and alt.type_scales
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert {p: x.scales for p, x in again.variants().items()} == {p: x.scales for p, x in v.items()}
+
+
+@pytest.mark.slow
+def test_cli_build_selects_by_probe_on_a_tiny_model(tiny_model, tmp_path, calibration_text, evaluation_text):
+    """measure -> calibrate -> build --check-text: every proxy's plan and the stock-like mix are probed on the text,
+    the lowest KLD is written and recorded in the plan."""
+    from strategy.plan import load_plan
+
+    model = tiny_model("llama")
+    db = tmp_path / "m.db"
+
+    def run(*args, module="strategy"):
+        p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode in (0, 3), p.stderr[-2000:]
+        return p
+
+    run(model, "--db", db, "--no-progress", module="measure")
+    cal = tmp_path / "cal.json"
+    run("calibrate", "--db", db, "--model", model, "--text", calibration_text, "--chunks", "1", "-o", cal)
+    assert len(Calibration.load(cal).variants()) >= 2
+    out = tmp_path / "plan.yaml"
+    p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
+            "--check-text", evaluation_text, "--check-chunks", "1", "-o", out)
+    assert "select: probing" in p.stdout and "select: chose" in p.stdout, p.stdout
+    sel = load_plan(out).target["selection"]
+    trials = {t["label"]: t["kld"] for t in sel["trials"]}
+    assert any(k.startswith("stock-like") for k in trials) and len(trials) >= 3
+    assert trials[sel["chosen"]] == min(trials.values())
+    p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
+            "--check-text", evaluation_text, "--check-chunks", "1", "--no-select", "-o", tmp_path / "p2.yaml")
+    assert "select:" not in p.stdout

@@ -164,7 +164,7 @@ class Bench:
             tmp.write_text(text[int(len(text) * self.a.probe_offset):], encoding="utf-8")
         return produce(out, make, "probe text slice")
 
-    def calibration(self, cands, imatrix_path: Path):
+    def calibration(self, cands, imatrix_path: Path, steps: str, emulate: bool):
         """Fit (cached by the fitting code's hash); every probe's KLD is memoised on disk by its assignment, so a
         refit after a change to strategy/calibrate.py re-runs only probes it has not measured before."""
         from strategy import calibrate as cal_mod
@@ -172,31 +172,32 @@ class Bench:
 
         a = self.a
         pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
-                    *(("emulate",) if a.probe_emulate else ()))
+                    *(("emulate",) if emulate else ()))
         k = key_of(pk, cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)), sha_file(ROOT / "strategy" / "problem.py"),
-                   a.probe_steps)
+                   steps)
         out = self.dir / f"calibration-{k}.json"
         if out.exists():
             return Calibration.load(out)
         memo_path = self.dir / f"probes-{pk}.json"
         memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
         if not memo:  # probes measured by an earlier fit of the same inputs (labels are deterministic)
-            fit_p, held_p = plan_probes(cands, **({"fit_ranks": "all"} if a.probe_steps == "all" else {}))
+            fit_p, held_p = plan_probes(cands, **({"fit_ranks": "all"} if steps == "all" else {}))
             by_label = {lab: asg for lab, asg in fit_p + held_p}
             for old in self.dir.glob("calibration-*.json"):
                 rep = json.loads(old.read_text()).get("report", {})
-                if rep.get("probe_key", pk if not a.probe_emulate else None) != pk:
+                if rep.get("probe_key", pk if not emulate else None) != pk:
                     continue  # other probe settings (older files without a key were measured without emulation)
                 for r in rep.get("probes", []):
                     if r.get("label") in by_label:
                         memo[_assign_key(by_label[r["label"]])] = float(r["kld"])
-        probe = self.memo_probe(memo, memo_path, imatrix_path)
-        log(f"calibration probes ({a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name}; "
+        probe = self.memo_probe(memo, memo_path, imatrix_path, emulate)
+        log(f"calibration probes ({steps} steps, {'with' if emulate else 'without'} activation rounding, {a.probe_chunks} x {a.probe_ctx} tokens of {self.calib_text.name}; "
             f"{len(memo)} already measured)")
         t0 = time.time()
-        cal = fit(cands, probe, steps=a.probe_steps, log=log)
+        cal = fit(cands, probe, steps=steps, log=log)
         cal.report["seconds"] = round(time.time() - t0, 1)
         cal.report["probe_key"] = pk
+        cal.report["probe_steps"] = f"{steps}{'+emulate' if emulate else ''}"
         cal.save(out)
         return cal
 
@@ -207,9 +208,9 @@ class Bench:
                     *(("emulate",) if a.probe_emulate else ()))
         memo_path = self.dir / f"probes-{pk}.json"
         memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-        return self.memo_probe(memo, memo_path, imatrix_path)
+        return self.memo_probe(memo, memo_path, imatrix_path, a.probe_emulate)
 
-    def memo_probe(self, memo: dict[str, float], memo_path: Path, imatrix_path: Path):
+    def memo_probe(self, memo: dict[str, float], memo_path: Path, imatrix_path: Path, emulate: bool):
         """probe(assignments) -> KLD, memoised on disk by assignment (the session starts on the first miss)."""
         session_probe = None
 
@@ -218,7 +219,7 @@ class Bench:
             key = _assign_key(assign)
             if key not in memo:
                 if session_probe is None:
-                    session_probe = self.probe_fn(imatrix_path)
+                    session_probe = self.probe_fn(imatrix_path, emulate)
                 memo[key] = float(session_probe(assign))
                 tmp = memo_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(memo))
@@ -226,13 +227,13 @@ class Bench:
             return memo[key]
         return probe
 
-    def probe_fn(self, imatrix_path: Path):
+    def probe_fn(self, imatrix_path: Path, emulate: bool):
         from measure.imatrix import load_imatrix
         from verify.probe import ProbeSession
 
         im = load_imatrix(imatrix_path)
         session = ProbeSession(self.base(), self.probe_text(), n_ctx=self.a.probe_ctx, n_chunks=self.a.probe_chunks,
-                               threads=self.threads, verbose=True, emulate_ggml=self.a.probe_emulate)
+                               threads=self.threads, verbose=True, emulate_ggml=emulate)
         shapes = {n: tuple(w.shape) for n, w in session.originals.items()}
 
         def probe(assign: dict[str, str]) -> float:
@@ -284,8 +285,12 @@ class Bench:
         from strategy.build import build, stock_choice
         from strategy.select import select_by_probe
 
-        results = {f"cal-{p}": build(ctx["meas"], ctx["metas"], method="budget", target_size=target, calibration=v,
-                                     **kw) for p, v in ctx["cal"].variants().items()}
+        results = {}
+        for n, cal in enumerate(ctx["cals"]):
+            tag = cal.report.get("probe_steps", str(n))
+            for p, v in cal.variants().items():
+                results[f"cal-{tag}-{p}"] = build(ctx["meas"], ctx["metas"], method="budget", target_size=target,
+                                                  calibration=v, **kw)
         c = next(iter(results.values())).cands
         choices = {k: r.choice for k, r in results.items()}
         ch, _ = stock_choice(c, ctx["metas"], mix=mix)
@@ -355,6 +360,19 @@ def gguf_stats(path: Path, n_params: int) -> tuple[int, float]:
     return size, size * 8 / n_params
 
 
+def calibration_settings(a: argparse.Namespace) -> list[tuple[str, bool]]:
+    """(probe steps, emulate) of each calibration: the configured one first, then --also-calibrate's."""
+    first = (a.probe_steps, a.probe_emulate)
+    out = [first]
+    for spec in filter(None, (x.strip() for x in a.also_calibrate.split(","))):
+        steps, _, emu = spec.partition("+")
+        if steps not in ("sparse", "all") or emu not in ("", "emulate"):
+            raise SystemExit(f"error: --also-calibrate {spec!r}: write STEPS or STEPS+emulate, STEPS sparse or all")
+        if (steps, emu == "emulate") not in out:
+            out.append((steps, emu == "emulate"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=os.environ.get("SMOLLM2_DIR") or str(
@@ -371,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-emulate", action=argparse.BooleanOptionalAction, default=True,
                     help="probes round activations as llama.cpp does (its Q8_K/Q8_0 rounding is part of the KLD "
                          "every file is scored on)")
+    ap.add_argument("--also-calibrate", default="sparse",
+                    help="further calibrations (comma-separated STEPS[+emulate]) whose plans are also candidates of the "
+                         "probe selection ('' = none)")
     ap.add_argument("--probe-offset", type=float, default=0.5,
                     help="probes read the calibration text from this fraction on (the imatrix read the start)")
     ap.add_argument("--eval-ctx", type=int, default=512)
@@ -412,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     cons.no_imatrix |= facts.no_imatrix
     kv = estimate_metadata_bytes(b.model)
     cands = build_candidates(meas, metas, metadata_bytes=kv, importance=facts.importance)
-    cal = b.calibration(cands, im)
-    ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal,
+    # the calibration the allocator reports (first) plus the others whose plans are also candidates for selection
+    cals = [b.calibration(cands, im, steps, emulate) for steps, emulate in calibration_settings(a)]
+    cal = cals[0]
+    ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal, "cals": cals,
            "probe": b.selection_probe(im)}
     n_params = sum(m.n_params for m in metas)
 

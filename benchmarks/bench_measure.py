@@ -34,7 +34,7 @@ def main() -> int:
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES))
     ap.add_argument("--quantizer", default="numpy", help="backends to time, comma-separated (numpy, ggml)")
     ap.add_argument("--sample", default="1,0.25", help="row fractions to time, comma-separated (1 = exact)")
-    ap.add_argument("--scaling-layers", type=int, default=4,
+    ap.add_argument("--scaling-layers", type=int, default=12,
                     help="also time the first N layers with 1, 2, 4, ... workers up to --workers (0 = skip)")
     ap.add_argument("--keep", default=None, help="directory for the GGUF/imatrix/db (default: a temp dir)")
     a = ap.parse_args()

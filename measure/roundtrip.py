@@ -91,44 +91,98 @@ class Errors:
     cos: float
 
 
+class ErrorSums:
+    """Running sums behind `Errors`, so a tensor can be round-tripped and scored a few hundred rows at a time.
+
+    Why chunks: a whole-tensor round trip makes a dequantized copy, an error array and its square, each as big as
+    the tensor; for SmolLM2's 28M-weight embedding that is several 113 MB passes per type through memory, which
+    cost more than the quantization of the cheap types. Chunks of ~256K weights stay in the core's cache. Row
+    sums are float32 (a row is short), everything else float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sse = self.wnum = self.wden = self.wn2 = self.rn2 = self.dot = 0.0
+        self.max_abs = 0.0
+
+    def add(self, w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> None:
+        """w, r: (rows, n_per_row) float32; importance: (n_per_row,) or None."""
+        n_per_row = w.shape[-1]
+        w2 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, n_per_row)
+        r2 = np.ascontiguousarray(r, dtype=np.float32).reshape(-1, n_per_row)
+        if w2.size == 0:
+            return
+        err = r2 - w2
+        self.max_abs = max(self.max_abs, float(np.abs(err).max()))
+        sq = np.square(err, out=err)
+        sse = float(sq.sum(axis=1).sum(dtype=np.float64))
+        self.sse += sse
+        if importance is None:
+            self.wnum += sse
+            self.wden += float(sq.size)
+        else:
+            imp = np.asarray(importance, dtype=np.float32)
+            self.wnum += float((sq @ imp).sum(dtype=np.float64))
+            self.wden += float(imp.astype(np.float64).sum()) * sq.shape[0]
+        self.wn2 += float(np.einsum("ij,ij->i", w2, w2).sum(dtype=np.float64))
+        self.rn2 += float(np.einsum("ij,ij->i", r2, r2).sum(dtype=np.float64))
+        self.dot += float(np.einsum("ij,ij->i", w2, r2).sum(dtype=np.float64))
+        self.n += w2.size
+
+    def result(self) -> Errors:
+        n, sse = self.n, self.sse
+        wmse = self.wnum / self.wden if self.wden > 0 else (sse / n if n else 0.0)
+        wn, rn = math.sqrt(self.wn2), math.sqrt(self.rn2)
+        cos = self.dot / (wn * rn) if wn > 0 and rn > 0 else (1.0 if wn == rn else 0.0)
+        return Errors(
+            rmse=math.sqrt(sse / n) if n else 0.0,
+            max_abs_err=self.max_abs,
+            wmse=wmse,
+            rel_err=math.sqrt(sse) / wn if wn > 0 else (0.0 if sse == 0 else math.inf),
+            cos=min(cos, 1.0),
+        )
+
+
+CHUNK_WEIGHTS = 1 << 18
+
+
+def _row_slices(n_rows: int, n_per_row: int, target: int = CHUNK_WEIGHTS):
+    step = max(1, target // max(1, n_per_row))
+    for s in range(0, n_rows, step):
+        yield slice(s, min(n_rows, s + step))
+
+
+def _matrices(data: np.ndarray, importance: np.ndarray | None):
+    """(2-D rows, importance vector or None) pieces: per expert when the importance is per expert."""
+    if data.ndim == 3 and importance is not None and np.ndim(importance) == 2:
+        for e in range(data.shape[0]):
+            yield data[e], importance[e]
+    else:
+        yield data.reshape(-1, data.shape[-1]), importance
+
+
 def error_stats(w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> Errors:
     """Error numbers of round trip r against original w.
 
     wmse = sum_ij imp_j err_ij^2 / sum_ij imp_j, with imp broadcast per expert for 3-D tensors; plain MSE when
-    there is no importance. Row sums are float32 (a row is short), rows are summed in float64: exact enough for
-    ranking and several times faster than float64 throughout."""
-    n_per_row = w.shape[-1]
-    w2 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, n_per_row)
-    r2 = np.ascontiguousarray(r, dtype=np.float32).reshape(-1, n_per_row)
-    err = r2 - w2
-    sq = err * err
-    n = err.size
-    sse = float(sq.sum(axis=1).sum(dtype=np.float64))
-    if importance is None:
-        wmse = sse / n
-    else:
-        imp = np.asarray(importance, dtype=np.float32)
-        if imp.ndim == 2:  # per expert: rows of expert e use imp[e]
-            n_exp = imp.shape[0]
-            per_row = np.einsum("erj,ej->er", sq.reshape(n_exp, -1, n_per_row), imp).astype(np.float64)
-            denom = float(imp.astype(np.float64).sum(axis=1) @ np.full(n_exp, sq.shape[0] // n_exp, np.float64))
-        else:
-            per_row = (sq @ imp).astype(np.float64)
-            denom = float(imp.astype(np.float64).sum()) * sq.shape[0]
-        wmse = float(per_row.sum()) / denom if denom > 0 else sse / n
-    del sq
-    wn2 = float(np.einsum("ij,ij->i", w2, w2).sum(dtype=np.float64))
-    rn2 = float(np.einsum("ij,ij->i", r2, r2).sum(dtype=np.float64))
-    dot = float(np.einsum("ij,ij->i", w2, r2).sum(dtype=np.float64))
-    wn, rn = math.sqrt(wn2), math.sqrt(rn2)
-    cos = dot / (wn * rn) if wn > 0 and rn > 0 else (1.0 if wn == rn else 0.0)
-    return Errors(
-        rmse=math.sqrt(sse / n),
-        max_abs_err=float(np.abs(err).max()) if n else 0.0,
-        wmse=wmse,
-        rel_err=math.sqrt(sse) / wn if wn > 0 else (0.0 if sse == 0 else math.inf),
-        cos=min(cos, 1.0),
-    )
+    there is no importance."""
+    acc = ErrorSums()
+    for (w2, imp), (r2, _) in zip(_matrices(w, importance), _matrices(r, importance)):
+        for sl in _row_slices(w2.shape[0], w2.shape[-1]):
+            acc.add(w2[sl], r2[sl], imp)
+    return acc.result()
+
+
+def chunked_errors(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None,
+                   backend: str = "numpy") -> Errors:
+    """error_stats(data, round_trip(data, ...)) a chunk of rows at a time (same bytes: every type quantizes each
+    row on its own given the importance), never holding a whole-tensor copy."""
+    acc = ErrorSums()
+    for rows, imp in _matrices(data, importance):
+        for sl in _row_slices(rows.shape[0], rows.shape[-1]):
+            chunk = np.ascontiguousarray(rows[sl], dtype=np.float32)
+            q = _quantize_2d(chunk, qtype, imp, name, backend)
+            acc.add(chunk, quants.dequantize(q, qtype).reshape(chunk.shape), imp)
+    return acc.result()
 
 
 MIN_SAMPLE_ROWS = 256
@@ -158,8 +212,7 @@ def measure_tensor(name: str, data: np.ndarray, qtype: str, importance: np.ndarr
     if not applicable(data.shape, qtype):
         return None
     part = sample_rows(data, sample, name)
-    r = round_trip(part, qtype, importance, name, backend)
-    e = error_stats(part, r, importance)
+    e = chunked_errors(part, qtype, importance, name, backend)
     n_bytes = tensor_bytes(data.shape, qtype)
     n = int(np.prod(data.shape))
     return Measurement(tensor=name, qtype=qtype, n_params=n, n_bytes=n_bytes,

@@ -275,3 +275,29 @@ def test_row_sampling_is_exact_per_row_and_close_overall():
     assert b.max_abs_err <= a.max_abs_err
     small = rng.standard_normal((100, 256)).astype(np.float32)  # fewer rows than the minimum: measured whole
     assert measure_tensor("x", small, "Q8_0", None, sample=0.1).sample == 1.0
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q5_1", "Q4_0", "IQ4_NL", "Q4_K", "Q6_K", "IQ4_XS"])
+def test_chunked_round_trip_equals_whole_tensor(qtype):
+    """Measurement scores a tensor a chunk of rows at a time: the bytes (so the numbers) must be those of the
+    whole-tensor quantization the converter does, and the statistics those of the whole error array."""
+    from measure.roundtrip import CHUNK_WEIGHTS, chunked_errors, error_stats, quantize_tensor
+
+    rng = np.random.default_rng(5)
+    n = 512
+    rows = CHUNK_WEIGHTS // n * 2 + 37  # two full chunks and a partial one
+    w = (rng.standard_t(3, (rows, n)) * 0.02).astype(np.float32)
+    imp = rng.gamma(0.5, 1.0, n).astype(np.float32)
+    whole = quantize_tensor(w, qtype, imp)
+    step = CHUNK_WEIGHTS // n
+    parts = np.concatenate([quantize_tensor(w[s:s + step], qtype, imp) for s in range(0, rows, step)])
+    assert np.array_equal(whole, parts)
+    r = quants.dequantize(whole, qtype).reshape(w.shape)
+    err = r.astype(np.float64) - w
+    e = chunked_errors(w, qtype, imp)
+    assert e.rmse == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-5)
+    assert e.max_abs_err == pytest.approx(np.abs(err).max(), rel=1e-6)
+    assert e.wmse == pytest.approx(float((err**2 @ imp).sum() / (imp.sum() * rows)), rel=1e-5)
+    e2 = error_stats(w, r, imp)
+    for f in ("rmse", "max_abs_err", "wmse", "rel_err", "cos"):
+        assert getattr(e, f) == pytest.approx(getattr(e2, f), rel=1e-6)

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -297,11 +299,25 @@ class Bench:
         if c.size_of(ch) <= target:
             choices["stock-like"] = ch
         best, trials = select_by_probe(c, choices, ctx["probe"], log=log)
-        ctx.setdefault("selection", {})[mix] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
+        sel = ctx.setdefault("selection", {})[mix] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
         log(f"  {mix}: chose {best}")
-        if best in results:
-            return results[best]
-        return build(ctx["meas"], ctx["metas"], method="stock", stock_mix=mix, **kw)
+        if best not in results:
+            return build(ctx["meas"], ctx["metas"], method="stock", stock_mix=mix, **kw)
+        res = results[best]
+        if self.a.refine_rounds > 0:
+            from strategy.build import BuildResult, make_plan
+            from strategy.select import refine_by_probe
+
+            ch, steps = refine_by_probe(res.cands, res.choice, ctx["probe"], target, rounds=self.a.refine_rounds,
+                                        log=log)
+            sel["refine"] = {"start": steps[0].kld, "end": min(t.kld for t in steps), "probes": len(steps)}
+            if not np.array_equal(ch, res.choice):
+                rc = res.cands
+                plan = make_plan(rc, ch, "budget", {k: v for k, v in res.plan.target.items()
+                                                    if k in ("bytes", "calibrated")}, res.plan.model)
+                plan.target["refined_by_probe"] = True
+                res = BuildResult(plan, ch, rc, rc.size_of(ch), rc.loss_of(ch))
+        return res
 
     def cli_check(self, mix: str, target: int) -> str:
         """`python -m strategy build` with --check-text: the CLI's own plan-vs-stock-like verdict (its exit code
@@ -392,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also-calibrate", default="sparse",
                     help="further calibrations (comma-separated STEPS[+emulate]) whose plans are also candidates of the "
                          "probe selection ('' = none)")
+    ap.add_argument("--refine-rounds", type=int, default=1,
+                    help="rounds of probe-judged refinement of the selected plan (strategy.select.refine_by_probe)")
     ap.add_argument("--probe-offset", type=float, default=0.5,
                     help="probes read the calibration text from this fraction on (the imatrix read the start)")
     ap.add_argument("--eval-ctx", type=int, default=512)
@@ -460,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         for mix, sel in ctx["selection"].items():
             print(f"  {mix:8s} " + ", ".join(f"{t['label']} {t['kld']:.5f}" + (" *" if t["label"] == sel["chosen"] else "")
                                           for t in sel["trials"]))
+            if sel.get("refine"):
+                r = sel["refine"]
+                print(f"  {'':8s} refined: probe KLD {r['start']:.5f} -> {r['end']:.5f} ({r['probes']} probes)")
     if check:
         print(f"\n`python -m strategy build` end-to-end check at the {a.check_mix} size "
               f"({a.probe_chunks} chunks of the calibration text):\n  {check}")

@@ -47,3 +47,45 @@ def select_by_probe(c: Candidates, candidates: Mapping[str, np.ndarray], probe: 
         log(f"  candidate {label:28s} {t.size} bytes  probe KLD {t.kld:.5f}")
     best = min(trials, key=lambda t: t.kld)  # min keeps the first of equal values
     return best.label, trials
+
+
+def refine_by_probe(c: Candidates, choice: np.ndarray, probe: Probe, budget: int, *,
+                    factors: tuple[float, ...] = (4.0, 0.25), rounds: int = 1,
+                    log: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[Trial]]:
+    """Coordinate descent on one loss multiplier per group (tensor class x depth third), judged by the probe.
+
+    Why: the calibration's per-group costs come from probes of one group at a time; in a whole plan the groups
+    interact (and the fit has errors). For each group in turn, its predicted loss is scaled by each factor, the
+    allocator re-solves the same budget, and the new plan is kept only if its measured probe KLD is lower. Costs
+    one probe per (group, factor) and round; c.loss is restored afterwards. Returns (best choice, every trial)."""
+    from strategy.budget import allocate
+    from strategy.calibrate import group_key
+
+    log = log or (lambda s: None)
+    keys = [group_key(c.classes[i], c.layers[i], c.n_layers) for i in range(c.n)]
+    mult = dict.fromkeys(sorted(set(keys)), 1.0)
+    base = c.loss.copy()
+    best = np.asarray(choice).copy()
+    best_kld = float(probe(c.types_of(best)))
+    trials = [Trial("start", int(c.size_of(best)), float(c.loss_of(best)), best_kld)]
+    try:
+        for r in range(rounds):
+            improved = False
+            for g in list(mult):
+                for f in factors:
+                    m = np.array([mult[k] * (f if k == g else 1.0) for k in keys])
+                    c.loss = base * m[:, None]
+                    ch, _ = allocate(c, budget)
+                    if np.array_equal(ch, best):
+                        continue
+                    k = float(probe(c.types_of(ch)))
+                    trials.append(Trial(f"round{r}:{g}x{f:g}", int(c.size_of(ch)), float(c.loss_of(ch)), k))
+                    if k < best_kld:
+                        log(f"  refine {g} x{f:g}: probe KLD {best_kld:.5f} -> {k:.5f}")
+                        best, best_kld, mult[g], improved = ch, k, mult[g] * f, True
+                        break
+            if not improved:
+                break
+    finally:
+        c.loss = base
+    return best, trials

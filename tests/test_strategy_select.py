@@ -90,3 +90,28 @@ def test_cli_build_selects_by_probe_on_a_tiny_model(tiny_model, tmp_path, calibr
     p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
             "--check-text", evaluation_text, "--check-chunks", "1", "--no-select", "-o", tmp_path / "p2.yaml")
     assert "select:" not in p.stdout
+
+
+def test_refine_by_probe_finds_a_group_the_calibration_underrates():
+    """The truth charges ffn_down 20x what the (uncalibrated) model predicts: refining with measured KLD moves
+    bytes to ffn_down, never exceeds the budget, and never returns a plan worse than the start."""
+    from strategy.select import refine_by_probe
+
+    meas, metas = synth_model(n_layers=6, seed=11)
+    c = build_candidates(meas, metas)
+    idx = c.index()
+
+    def truth(assign):
+        return sum((20.0 if c.classes[idx[n]] == "ffn_down" else 1.0) * c.err[idx[n], c.types.index(t)]
+                   * c.n_params[idx[n]] * 1e-6 for n, t in assign.items())
+
+    budget = int(c.min_bytes() + 0.35 * (c.max_bytes() - c.min_bytes()))
+    start, _ = allocate(c, budget)
+    loss_before = c.loss.copy()
+    best, trials = refine_by_probe(c, start, truth, budget, rounds=3)
+    assert np.array_equal(c.loss, loss_before)  # restored
+    assert c.size_of(best) <= budget
+    assert truth(c.types_of(best)) < 0.9 * truth(c.types_of(start))
+    assert min(t.kld for t in trials) == pytest.approx(truth(c.types_of(best)))
+    down = [i for i in range(c.n) if c.classes[i] == "ffn_down"]
+    assert sum(c.nbytes[i, best[i]] for i in down) > sum(c.nbytes[i, start[i]] for i in down)

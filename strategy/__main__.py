@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from strategy.plan import PlanError, load_plan, save_plan, tensor_type_file_lines
 from strategy.problem import StrategyError
 from strategy.sizes import SizeError, format_size, parse_size
@@ -159,7 +161,28 @@ def _select(a, res, meas, metas, kv, cal, cons, importance, groups, target_size,
         print(f"select: the stock-like {stock_mix} mix measured best; writing it (no calibrated plan beat it)")
     chosen.plan.target["selection"] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
     print(f"select: chose {best}")
+    if a.refine > 0 and best in results and "bytes" in chosen.plan.target:
+        chosen = _refine(a, chosen, engine)
     return chosen
+
+
+def _refine(a, res, engine):
+    """strategy.select.refine_by_probe on the chosen plan: per-group loss multipliers, kept only when the probe
+    measures a lower KLD."""
+    from strategy.build import BuildResult, make_plan
+    from strategy.select import refine_by_probe
+
+    c = res.cands
+    print(f"refine: up to {a.refine} round(s) of one probe per group and factor")
+    ch, steps = refine_by_probe(c, res.choice, engine, int(res.plan.target["bytes"]), rounds=a.refine, log=print)
+    end = min(t.kld for t in steps)
+    print(f"refine: probe KLD {steps[0].kld:.5f} -> {end:.5f} ({len(steps)} probes)")
+    if np.array_equal(ch, res.choice):
+        return res
+    keep = {k: v for k, v in res.plan.target.items() if k in ("bytes", "bpw_target", "calibrated", "selection")}
+    plan = make_plan(c, ch, res.plan.method, keep, res.plan.model)
+    plan.target["refined_by_probe"] = {"start": steps[0].kld, "end": end, "probes": len(steps)}
+    return BuildResult(plan, ch, c, c.size_of(ch), c.loss_of(ch), list(res.messages))
 
 
 def _stock_check(a, res, meas, metas, kv, cal, cons=None, importance=None) -> int:
@@ -317,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--check-chunks", type=int, default=4)
     b.add_argument("--emulate-ggml", action="store_true",
                    help="the check's probes round activations as llama.cpp's CPU matmul does (about 2x slower)")
+    b.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                   help="with --check-text: rounds of probe-judged refinement of the chosen plan (one probe per tensor "
+                        "group and factor; kept only when the measured KLD drops)")
     b.add_argument("--no-select", action="store_true",
                    help="with --check-text and a calibration that holds several proxies, the plan of each proxy and "
                         "the stock-like mix are probed and the lowest KLD is written; this keeps the calibration's "

@@ -90,6 +90,14 @@ def test_cli_build_selects_by_probe_on_a_tiny_model(tiny_model, tmp_path, calibr
     p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
             "--check-text", evaluation_text, "--check-chunks", "1", "--no-select", "-o", tmp_path / "p2.yaml")
     assert "select:" not in p.stdout
+    out3 = tmp_path / "p3.yaml"
+    p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
+            "--check-text", evaluation_text, "--check-chunks", "1", "--refine", "1", "-o", out3)
+    assert "refine: probe KLD" in p.stdout, p.stdout
+    refined = load_plan(out3).target
+    assert refined["size"] <= refined["bytes"]
+    if "refined_by_probe" in refined:  # a kept refinement measured lower than the selected plan
+        assert refined["refined_by_probe"]["end"] < refined["refined_by_probe"]["start"]
 
 
 def test_refine_by_probe_finds_a_group_the_calibration_underrates():

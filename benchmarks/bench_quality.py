@@ -35,8 +35,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -173,8 +171,7 @@ class Bench:
         from strategy.calibrate import Calibration, fit, plan_probes
 
         a = self.a
-        pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
-                    *(("emulate",) if emulate else ()))
+        pk = self.probe_key(emulate)
         k = key_of(pk, cal_mod.FORMAT, sha_file(Path(cal_mod.__file__)), sha_file(ROOT / "strategy" / "problem.py"),
                    steps)
         out = self.dir / f"calibration-{k}.json"
@@ -203,14 +200,17 @@ class Bench:
         cal.save(out)
         return cal
 
+    def probe_key(self, emulate: bool) -> str:
+        a = self.a
+        return key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
+                      *(("emulate",) if emulate else ()))
+
     def selection_probe(self, imatrix_path: Path):
         """Memoised probe for whole plans (same text and settings as the calibration probes)."""
-        a = self.a
-        pk = key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
-                    *(("emulate",) if a.probe_emulate else ()))
+        pk = self.probe_key(self.a.probe_emulate)
         memo_path = self.dir / f"probes-{pk}.json"
         memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-        return self.memo_probe(memo, memo_path, imatrix_path, a.probe_emulate)
+        return self.memo_probe(memo, memo_path, imatrix_path, self.a.probe_emulate)
 
     def memo_probe(self, memo: dict[str, float], memo_path: Path, imatrix_path: Path, emulate: bool):
         """probe(assignments) -> KLD, memoised on disk by assignment (the session starts on the first miss)."""
@@ -282,10 +282,10 @@ class Bench:
         return out
 
     def select_plan(self, mix: str, target: int, ctx: dict, kw: dict):
-        """The calibrated plan: one candidate per calibration variant (proxy) plus the stock-like mix of this size,
-        each measured by a probe on the probe text (never the evaluation text); the lowest KLD is kept."""
+        """The calibrated plan: one candidate per calibration and proxy plus the stock-like mix of this size, each
+        measured by a probe on the probe text (never the evaluation text); the lowest KLD is kept and refined."""
         from strategy.build import build, stock_choice
-        from strategy.select import select_by_probe
+        from strategy.select import choose_plan
 
         results = {}
         for n, cal in enumerate(ctx["cals"]):
@@ -294,29 +294,14 @@ class Bench:
                 results[f"cal-{tag}-{p}"] = build(ctx["meas"], ctx["metas"], method="budget", target_size=target,
                                                   calibration=v, **kw)
         c = next(iter(results.values())).cands
-        choices = {k: r.choice for k, r in results.items()}
         ch, _ = stock_choice(c, ctx["metas"], mix=mix)
-        if c.size_of(ch) <= target:
-            choices["stock-like"] = ch
-        best, trials = select_by_probe(c, choices, ctx["probe"], log=log)
-        sel = ctx.setdefault("selection", {})[mix] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
-        log(f"  {mix}: chose {best}")
-        if best not in results:
-            return build(ctx["meas"], ctx["metas"], method="stock", stock_mix=mix, **kw)
-        res = results[best]
-        if self.a.refine_rounds > 0:
-            from strategy.build import BuildResult, make_plan
-            from strategy.select import refine_by_probe
-
-            ch, steps = refine_by_probe(res.cands, res.choice, ctx["probe"], target, rounds=self.a.refine_rounds,
-                                        log=log)
-            sel["refine"] = {"start": steps[0].kld, "end": min(t.kld for t in steps), "probes": len(steps)}
-            if not np.array_equal(ch, res.choice):
-                rc = res.cands
-                plan = make_plan(rc, ch, "budget", {k: v for k, v in res.plan.target.items()
-                                                    if k in ("bytes", "calibrated")}, res.plan.model)
-                plan.target["refined_by_probe"] = True
-                res = BuildResult(plan, ch, rc, rc.size_of(ch), rc.loss_of(ch))
+        res, record = choose_plan(results, ctx["probe"], budget=target,
+                                  stock=(mix, ch) if c.size_of(ch) <= target else None,
+                                  build_stock=lambda m: build(ctx["meas"], ctx["metas"], method="stock", stock_mix=m,
+                                                              **kw),
+                                  refine_rounds=self.a.refine_rounds, log=log)
+        ctx.setdefault("selection", {})[mix] = record
+        log(f"  {mix}: chose {record['chosen']}")
         return res
 
     def cli_check(self, mix: str, target: int) -> str:

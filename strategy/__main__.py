@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from strategy.plan import PlanError, load_plan, save_plan, tensor_type_file_lines
 from strategy.problem import StrategyError
 from strategy.sizes import SizeError, format_size, parse_size
@@ -82,6 +80,9 @@ def cmd_build(a: argparse.Namespace) -> int:
             return _err(f"{cal_path}: this calibration uses the 'out' proxy (error x activation energy); "
                         f"pass the same --imatrix it was fitted with")
     method = a.method or ("knee" if a.knee else "budget")
+    if a.refine and (not a.check_text or a.no_select or method != "budget" or cal is None):
+        return _err("--refine measures plans: it needs --check-text, a calibration and the budget method "
+                    "(and not --no-select)")
     if a.knee and method != "knee":
         return _err("--knee builds a knee plan; drop --method or use --method knee")
     if method != "knee" and a.target_size is None and a.target_bpw is None and method != "stock":
@@ -107,8 +108,7 @@ def cmd_build(a: argparse.Namespace) -> int:
                 knee_tolerance=a.knee_tolerance, calibration=cal, constraints=cons,
                 metadata_bytes=kv, model=model, stock_mix=a.stock_mix, importance=importance, groups=groups,
                 plan_file_name=Path(a.output).name, log=print)
-    if method == "budget" and cal is not None and cal.alternatives and getattr(a, "check_text", None) \
-            and not a.no_select and metas is not None:
+    if method == "budget" and cal is not None and a.check_text and not a.no_select and metas is not None:
         res = _select(a, res, meas, metas, kv, cal, cons, importance, groups, target_size, method)
     dt = time.perf_counter() - t0
     for m in res.messages:
@@ -127,62 +127,36 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def _select(a, res, meas, metas, kv, cal, cons, importance, groups, target_size, method):
-    """Build one plan per calibration variant (proxy) and the stock-like mix that fits, probe each end to end on
-    --check-text, keep the lowest KLD (strategy.select)."""
+    """Build one plan per calibration variant (proxy), probe each and the stock-like mix that fits end to end on
+    --check-text, write the lowest KLD, refined with --refine (strategy.select.choose_plan)."""
     from strategy.build import build, stock_choice
-    from strategy.select import select_by_probe
+    from strategy.select import choose_plan
 
     engine = _probe_engine(a)
     if engine is None:
         print("select: no verify engine available; keeping the calibration's own choice of proxy")
         return res
+    kw = dict(constraints=cons, metadata_bytes=kv, model=res.plan.model, importance=importance,
+              plan_file_name=Path(a.output).name)
     results = {f"calibrated ({cal.proxy})": res}
     for p, v in cal.variants().items():
         if p != cal.proxy:
             results[f"calibrated ({p})"] = build(meas, metas, method=method, target_size=target_size,
-                                                 target_bpw=a.target_bpw, calibration=v, constraints=cons,
-                                                 metadata_bytes=kv, model=res.plan.model, importance=importance,
-                                                 groups=groups, plan_file_name=Path(a.output).name)
-    c = res.cands
-    choices = {k: r.choice for k, r in results.items()}
-    stock_mix = None
+                                                 target_bpw=a.target_bpw, calibration=v, groups=groups, **kw)
     try:
-        ch, stock_mix = stock_choice(c, metas, budget=res.plan.target.get("bytes"))
-        choices[f"stock-like {stock_mix}"] = ch
+        ch, mix = stock_choice(res.cands, metas, budget=res.plan.target.get("bytes"))
+        stock = (mix, ch)
     except StrategyError:
-        pass
-    print(f"select: probing {len(choices)} candidate plans on {a.check_chunks} chunks of {a.check_text}")
-    best, trials = select_by_probe(c, choices, engine, log=print)
-    if best in results:
-        chosen = results[best]
-    else:
-        chosen = build(meas, metas, method="stock", stock_mix=stock_mix, constraints=cons, metadata_bytes=kv,
-                       model=res.plan.model, importance=importance, plan_file_name=Path(a.output).name)
-        print(f"select: the stock-like {stock_mix} mix measured best; writing it (no calibrated plan beat it)")
-    chosen.plan.target["selection"] = {"chosen": best, "trials": [t.__dict__ for t in trials]}
-    print(f"select: chose {best}")
-    if a.refine > 0 and best in results and "bytes" in chosen.plan.target:
-        chosen = _refine(a, chosen, engine)
+        stock = None
+    print(f"select: probing {len(results) + (stock is not None)} candidate plans on {a.check_chunks} chunks of "
+          f"{a.check_text}")
+    chosen, record = choose_plan(results, engine, budget=res.plan.target.get("bytes"), stock=stock,
+                                 build_stock=lambda m: build(meas, metas, method="stock", stock_mix=m, **kw),
+                                 refine_rounds=a.refine, log=print)
+    if record["chosen"] not in results:
+        print(f"select: the {record['chosen']} mix measured best; writing it (no calibrated plan beat it)")
+    print(f"select: chose {record['chosen']}")
     return chosen
-
-
-def _refine(a, res, engine):
-    """strategy.select.refine_by_probe on the chosen plan: per-group loss multipliers, kept only when the probe
-    measures a lower KLD."""
-    from strategy.build import BuildResult, make_plan
-    from strategy.select import refine_by_probe
-
-    c = res.cands
-    print(f"refine: up to {a.refine} round(s) of one probe per group and factor")
-    ch, steps = refine_by_probe(c, res.choice, engine, int(res.plan.target["bytes"]), rounds=a.refine, log=print)
-    end = min(t.kld for t in steps)
-    print(f"refine: probe KLD {steps[0].kld:.5f} -> {end:.5f} ({len(steps)} probes)")
-    if np.array_equal(ch, res.choice):
-        return res
-    keep = {k: v for k, v in res.plan.target.items() if k in ("bytes", "bpw_target", "calibrated", "selection")}
-    plan = make_plan(c, ch, res.plan.method, keep, res.plan.model)
-    plan.target["refined_by_probe"] = {"start": steps[0].kld, "end": end, "probes": len(steps)}
-    return BuildResult(plan, ch, c, c.size_of(ch), c.loss_of(ch), list(res.messages))
 
 
 def _stock_check(a, res, meas, metas, kv, cal, cons=None, importance=None) -> int:
@@ -344,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --check-text: rounds of probe-judged refinement of the chosen plan (one probe per tensor "
                         "group and factor; kept only when the measured KLD drops)")
     b.add_argument("--no-select", action="store_true",
-                   help="with --check-text and a calibration that holds several proxies, the plan of each proxy and "
-                        "the stock-like mix are probed and the lowest KLD is written; this keeps the calibration's "
-                        "own choice without probing")
+                   help="with --check-text and a calibration, the plan of each of its proxies and the stock-like mix "
+                        "are probed and the lowest KLD is written; this keeps the calibration's own choice without "
+                        "probing")
     b.add_argument("-o", "--output", required=True)
     b.set_defaults(fn=cmd_build)
 

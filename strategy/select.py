@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from strategy.problem import Candidates
+
+if TYPE_CHECKING:
+    from strategy.build import BuildResult
 
 Probe = Callable[[dict[str, str]], float]
 
@@ -89,3 +93,45 @@ def refine_by_probe(c: Candidates, choice: np.ndarray, probe: Probe, budget: int
     finally:
         c.loss = base
     return best, trials
+
+
+def choose_plan(results: Mapping[str, BuildResult], probe: Probe, *, budget: int | None = None,
+                stock: tuple[str, np.ndarray] | None = None, build_stock: Callable[[str], BuildResult] | None = None,
+                refine_rounds: int = 0, log: Callable[[str], None] | None = None) -> tuple[BuildResult, dict]:
+    """The plan to write: every calibrated result (same budget) and the stock-like `(mix, choice)` probed once,
+    the lowest KLD kept and, when it is a calibrated plan, refined by `refine_rounds` of refine_by_probe.
+    `build_stock(mix)` makes the stock-like result if it wins. Returns (chosen, record); the record is also
+    stored as the plan's target["selection"]."""
+    log = log or (lambda s: None)
+    c = next(iter(results.values())).cands
+    choices = {k: r.choice for k, r in results.items()}
+    if stock is not None:
+        choices[f"stock-like {stock[0]}"] = stock[1]
+    best, trials = select_by_probe(c, choices, probe, log=log)
+    record: dict = {"chosen": best, "trials": [t.__dict__ for t in trials]}
+    if best not in results:
+        if stock is None or build_stock is None:
+            raise ValueError("choose_plan: the stock-like candidate won but no build_stock was given")
+        chosen = build_stock(stock[0])
+    else:
+        chosen = results[best]
+        if refine_rounds > 0 and budget is not None:
+            chosen, record["refine"] = _refined(chosen, probe, budget, refine_rounds, log)
+    chosen.plan.target["selection"] = record
+    return chosen, record
+
+
+def _refined(res: BuildResult, probe: Probe, budget: int, rounds: int, log: Callable[[str], None]
+             ) -> tuple[BuildResult, dict]:
+    from strategy.build import BuildResult, make_plan
+
+    c = res.cands
+    ch, steps = refine_by_probe(c, res.choice, probe, budget, rounds=rounds, log=log)
+    info = {"start": steps[0].kld, "end": min(t.kld for t in steps), "probes": len(steps)}
+    log(f"  refined: probe KLD {info['start']:.5f} -> {info['end']:.5f} ({info['probes']} probes)")
+    if np.array_equal(ch, res.choice):
+        return res, info
+    keep = {k: v for k, v in res.plan.target.items() if k in ("bytes", "bpw_target", "calibrated")}
+    plan = make_plan(c, ch, res.plan.method, keep, res.plan.model)
+    plan.target["refined_by_probe"] = info
+    return BuildResult(plan, ch, c, c.size_of(ch), c.loss_of(ch), list(res.messages)), info

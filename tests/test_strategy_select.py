@@ -93,7 +93,7 @@ def test_cli_build_selects_by_probe_on_a_tiny_model(tiny_model, tmp_path, calibr
     out3 = tmp_path / "p3.yaml"
     p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
             "--check-text", evaluation_text, "--check-chunks", "1", "--refine", "1", "-o", out3)
-    assert "refine: probe KLD" in p.stdout, p.stdout
+    assert "refined: probe KLD" in p.stdout, p.stdout
     refined = load_plan(out3).target
     assert refined["size"] <= refined["bytes"]
     if "refined_by_probe" in refined:  # a kept refinement measured lower than the selected plan
@@ -123,3 +123,14 @@ def test_refine_by_probe_finds_a_group_the_calibration_underrates():
     assert min(t.kld for t in trials) == pytest.approx(truth(c.types_of(best)))
     down = [i for i in range(c.n) if c.classes[i] == "ffn_down"]
     assert sum(c.nbytes[i, best[i]] for i in down) > sum(c.nbytes[i, start[i]] for i in down)
+
+
+def test_refine_without_a_check_text_is_a_one_line_error(tmp_path):
+    meas, metas = synth_model(n_layers=4, seed=3)
+    import json
+
+    (tmp_path / "m.json").write_text(json.dumps([m.to_dict() for m in meas]))
+    p = subprocess.run([sys.executable, "-m", "strategy", "build", "--db", tmp_path / "m.json", "--target-bpw", "4.5",
+                        "--refine", "1", "-o", tmp_path / "p.yaml"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0 and "--refine" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "p.yaml").exists()

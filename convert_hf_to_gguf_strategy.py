@@ -230,10 +230,7 @@ def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: st
 
         return gguf.quants.quantize(x, qtype)
     try:
-        if importance is not None and importance.ndim == 2:
-            return np.stack([quants.quantize(x[e], qtype, importance[e], name=f"{name}[expert {e}]")
-                             for e in range(x.shape[0])])
-        return quants.quantize(x, qtype, importance, name=name)
+        return quants.quantize(x, qtype, importance, name=name)  # a 2-D importance is per expert
     except quants.QuantInputError as e:
         raise UserError(str(e)) from None
 

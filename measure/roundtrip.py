@@ -68,18 +68,12 @@ def quantize_tensor(data: np.ndarray, qtype: str, importance: np.ndarray | None,
     """Bytes of the whole tensor as the converter writes them (per-expert importance for 3-D tensors).
 
     backend "numpy" is the converter's own quantizer (`quants`); "ggml" calls the reference libggml-base, which
-    writes the same bytes (quants is bit-exact with it) several times faster, for measuring big models."""
+    writes the same bytes (quants is bit-exact with it), to cross-check."""
     if backend not in BACKENDS:
         raise quants.QuantInputError(f"unknown quantizer backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if data.ndim == 3 and importance is not None and np.ndim(importance) == 2:
-        return np.stack([_quantize_2d(data[e], qtype, importance[e], name, backend) for e in range(data.shape[0])])
+    if data.ndim == 3 and importance is not None and np.ndim(importance) == 2:  # per expert (also for ggml)
+        return np.stack([_quantize_2d(rows, qtype, imp, name, backend) for rows, imp in _matrices(data, importance)])
     return _quantize_2d(data, qtype, importance, name, backend)
-
-
-def round_trip(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None,
-               backend: str = "numpy") -> np.ndarray:
-    q = quantize_tensor(data, qtype, importance, name, backend)
-    return quants.dequantize(q, qtype).reshape(data.shape)
 
 
 @dataclass(frozen=True)

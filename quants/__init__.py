@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 __all__ = [
     "QuantInputError", "WRITABLE_TYPES", "quantize", "dequantize", "parse_type", "type_name",
-    "block_size", "row_bytes", "register", "requires_importance",
+    "block_size", "row_bytes", "register", "requires_importance", "round_trip",
 ]
 
 T = GGMLQuantizationType
@@ -124,8 +124,12 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np
     """Quantize like ggml_quantize_chunk(type, data, importance); bytes laid out as gguf-py lays them out.
 
     Returns an array of shape data.shape[:-1] + (row_bytes,), dtype uint8 (float16/float32 for F16/F32,
-    as gguf.quants.quantize returns them).
+    as gguf.quants.quantize returns them). A 2-D importance with 3-D data is per expert (an imatrix's `_exps`
+    entry): expert e is quantized with importance[e], as llama-quantize does.
     """
+    if importance is not None and np.ndim(importance) == 2 and np.ndim(data) == 3:
+        return np.stack([quantize(data[e], qtype, importance[e], name=f"{name or 'tensor'}[expert {e}]")
+                         for e in range(data.shape[0])])
     qtype = parse_type(qtype)
     rows, imp = _check_inputs(data, qtype, importance, name)
     if qtype in _OWN:
@@ -144,6 +148,12 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str) -> np.ndarray:
     """Bytes -> float32, by gguf-py (which dequantizes every type we write)."""
     return np.asarray(_gguf_quants().dequantize(data, parse_type(qtype)), dtype=np.float32)
+
+
+def round_trip(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np.ndarray | None = None,
+               *, name: str | None = None) -> np.ndarray:
+    """What a tensor becomes after being written as `qtype` and read back (float32, data's shape)."""
+    return dequantize(quantize(data, qtype, importance, name=name), qtype).reshape(np.shape(data))
 
 
 def _gguf_quants() -> ModuleType:

@@ -257,7 +257,8 @@ def test_ggml_backend_gives_identical_measurements(reference):
 
 def test_row_sampling_is_exact_per_row_and_close_overall():
     """Rows quantize independently, so sampled rows carry exactly their full-tensor errors; totals are estimates."""
-    from measure.roundtrip import round_trip, sample_rows
+    from measure.roundtrip import sample_rows
+    from quants import round_trip
 
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((2048, 256)) * rng.random(256) * 3).astype(np.float32)

@@ -84,3 +84,22 @@ def test_registration_makes_gguf_quantize_k_quants():
     x = _data("gaussian", rows=3, cols=512)
     for qtype in (T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q2_K):
         assert np.array_equal(gguf.quants.quantize(x, qtype), quants.quantize(x, qtype))
+
+
+def test_per_expert_importance_and_round_trip():
+    """A 3-D tensor with a 2-D importance quantizes expert e with importance[e] (llama-quantize's `_exps` rule);
+    round_trip is quantize then dequantize in the tensor's shape."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 8, 256)).astype(np.float32)
+    imp = rng.gamma(0.5, 1.0, (3, 256)).astype(np.float32)
+    q = quants.quantize(x, "Q4_K", imp)
+    for e in range(3):
+        np.testing.assert_array_equal(q[e], quants.quantize(x[e], "Q4_K", imp[e]))
+    assert not np.array_equal(q[1], quants.quantize(x[1], "Q4_K", imp[0]))  # the expert's own row matters
+    r = quants.round_trip(x, "Q4_K", imp)
+    assert r.shape == x.shape and r.dtype == np.float32
+    np.testing.assert_array_equal(r[2], quants.dequantize(q[2], "Q4_K").reshape(8, 256))
+    with pytest.raises(quants.QuantInputError, match=r"expert 1"):
+        bad = imp.copy()
+        bad[1, 0] = np.nan
+        quants.quantize(x, "Q4_K", bad, name="blk.0.ffn_down_exps.weight")

@@ -91,19 +91,6 @@ def layer_of(name: str, n_layer: int) -> int:
     return 0
 
 
-def round_trip(data: np.ndarray, qtype: str, importance: np.ndarray | None = None, name: str | None = None
-               ) -> np.ndarray:
-    """quants.quantize then quants.dequantize, row-wise; 3-D expert tensors go expert by expert."""
-    import quants
-
-    if data.ndim == 3:
-        imp = importance
-        return np.stack([round_trip(data[e], qtype, None if imp is None else (imp[e] if np.ndim(imp) == 2 else imp),
-                                    name) for e in range(data.shape[0])])
-    q = quants.quantize(data, qtype, importance, name=name)
-    return quants.dequantize(q, qtype).reshape(data.shape)
-
-
 class ProbeSession:
     """A base model loaded once, with its log-probs and per-layer hidden states on `n_chunks` chunks of text.
 
@@ -161,7 +148,7 @@ class ProbeSession:
             np.ascontiguousarray(importance, dtype=np.float32).tobytes()).hexdigest())
         if key not in self._memo:
             w = self.originals[name].numpy()
-            self._memo[key] = torch.from_numpy(np.ascontiguousarray(round_trip(w, qtype, importance, name)))
+            self._memo[key] = torch.from_numpy(np.ascontiguousarray(quants.round_trip(w, qtype, importance, name=name)))
         return self._memo[key]
 
     def clear_memo(self) -> None:

@@ -45,6 +45,7 @@ UPSTREAM_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "tq1_0", "tq2_0", "auto")
 FLOAT_OUTTYPES = ("f32", "f16", "bf16", "auto")
 STRATEGY_DIGEST_KEY = "quantize.strategy.sha256"
 STRATEGY_FILE_KEY = "quantize.strategy.file"
+COMPENSATED_KEY = "quantize.strategy.covariance_file"  # set when blocks were error-compensated (--hessian)
 
 
 class UserError(Exception):
@@ -103,11 +104,13 @@ class ConvertSink:
 
     policy: TypePolicy
     imatrix: Any = None               # measure.imatrix.Imatrix | None
+    hessians: Any = None              # measure.hessian.Hessians | None: error-compensated encoding where covered
     float_type: str | None = None     # resolved --outtype auto (bf16 / f16, as upstream guesses it)
     params_by_type: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fallbacks: dict[str, list[tuple[str, str, str, int]]] = field(default_factory=lambda: defaultdict(list))
     n_tensors: int = 0
     n_with_importance: int = 0
+    n_compensated: int = 0
     validate: Any = None              # callable(list[TensorInfo]) raising UserError, run before anything is written
     prefetcher: Prefetcher | None = None
     _pending: list[Any] | None = None
@@ -142,17 +145,21 @@ class ConvertSink:
         importance = self.importance_for(info, final) if final not in ("F32", "F16", "BF16", "Q8_0") else None
         if importance is not None:
             self.n_with_importance += 1
+        hessian = None
+        if self.hessians is not None and len(info.shape) == 2 and final not in ("F32", "F16", "BF16"):
+            hessian = self.hessians.for_tensor(info.name, info.n_per_row)
+            self.n_compensated += hessian is not None
         if len(info.shape) >= 2:
             self.params_by_type[final] += info.n_params
         note = f" (asked {requested}: rows of {info.n_per_row})" if requested and requested != final else ""
         logger.info(f"{info.name + ',':<40} {info.source_dtype:<8} --> {final}{note}, shape = {{{', '.join(map(str, info.ne))}}}"
-                    + (" +imatrix" if importance is not None else ""))
+                    + (" +imatrix" if importance is not None else "") + (" +compensated" if hessian is not None else ""))
         if isinstance(em.data, gguf.LazyChunkedTensor):  # upstream streams it in chunks; keep that
-            if importance is not None:
-                logger.warning(f"{info.name}: written in chunks by upstream; importance not applied")
+            if importance is not None or hessian is not None:
+                logger.warning(f"{info.name}: written in chunks by upstream; importance/covariance not applied")
             model.write_raw_tensor(info.name, em.data.quantize(qtype), raw_dtype=qtype)
             return
-        data = QuantizedTensor(em.data, qtype, importance, info.name, self.prefetcher)
+        data = QuantizedTensor(em.data, qtype, importance, info.name, self.prefetcher, hessian)
         model.write_raw_tensor(info.name, data, raw_dtype=qtype)
 
     def choose(self, model: Any, em: Any) -> tuple[str, str | None]:
@@ -219,8 +226,10 @@ class ConvertSink:
                            f"(rows of {', '.join(map(str, rows))} not a multiple of the block size), as llama-quantize does")
 
 
-def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: str) -> np.ndarray:
-    """Quantize one tensor (MoE experts one by one, each with its own importance slice)."""
+def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: str,
+                  hessian: np.ndarray | None = None) -> np.ndarray:
+    """Quantize one tensor (MoE experts one by one, each with its own importance slice; error-compensated when
+    a 2-D tensor has an input covariance)."""
     import quants
     from catalog.hook import to_float32
 
@@ -230,7 +239,7 @@ def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: st
 
         return gguf.quants.quantize(x, qtype)
     try:
-        return quants.quantize(x, qtype, importance, name=name)  # a 2-D importance is per expert
+        return quants.quantize(x, qtype, importance, name=name, hessian=hessian)  # a 2-D importance is per expert
     except quants.QuantInputError as e:
         raise UserError(str(e)) from None
 
@@ -274,7 +283,7 @@ class QuantizedTensor:
     prefetcher may compute it on a worker thread, or the writer inline."""
 
     def __init__(self, source: Any, qtype: Any, importance: np.ndarray | None, name: str,
-                 prefetcher: Prefetcher | None = None):
+                 prefetcher: Prefetcher | None = None, hessian: np.ndarray | None = None):
         import gguf
 
         T = gguf.GGMLQuantizationType
@@ -285,6 +294,7 @@ class QuantizedTensor:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.in_bytes = int(np.prod(in_shape, dtype=np.int64)) * 4
         self._source, self._qtype, self._importance, self._name = source, qtype, importance, name
+        self._hessian = hessian
         self._swap = False
         self._future: Any = None
         self._lock = threading.Lock()
@@ -296,7 +306,8 @@ class QuantizedTensor:
 
         source, self._source = self._source, None  # the lazy graph is released as soon as it is evaluated
         with no_grad():
-            out = _quantize_now(source, self._qtype, self._importance, self._name)
+            out = _quantize_now(source, self._qtype, self._importance, self._name, self._hessian)
+        self._hessian = None
         return np.asarray(out).astype(self.dtype, copy=False).reshape(self.shape)
 
     def submit(self, pool: Any) -> None:
@@ -446,6 +457,9 @@ def upstream_parser() -> tuple[Any, argparse.ArgumentParser]:
     g.add_argument("--strategy", type=Path, help="per-tensor types (YAML or JSON, see strategy/plan.py)")
     g.add_argument("--imatrix", type=Path, action="append", default=[],
                    help="importance matrix (llama.cpp GGUF imatrix or legacy .dat); repeat to combine")
+    g.add_argument("--hessian", type=Path, default=None,
+                   help="input covariances (`python -m measure imatrix --hessian`): error-compensated encoding "
+                        "(GPTQ-style blocks ggml decodes) for every 2-D tensor the file covers")
     g.add_argument("--default-type", default=None, help="type for tensors the strategy does not name")
     g.add_argument("--export-tensor-type-file", type=Path, default=None,
                    help="write the strategy as llama-quantize --tensor-type-file lines to this file and exit")
@@ -644,14 +658,32 @@ def _main(argv: list[str]) -> int:
                 imatrix.check_model([(i.name, i.shape) for i in infos if i.quantizable])
             except ImatrixError as e:
                 raise UserError(str(e)) from None
+        if hessians is not None:
+            from measure.hessian import HessianError
+
+            try:  # a covariance for another model fails before any output exists
+                for i in infos:
+                    if len(i.shape) == 2 and i.name in hessians:
+                        hessians.for_tensor(i.name, i.n_per_row)
+            except HessianError as e:
+                raise UserError(str(e)) from None
 
     if plan is not None or default_type is not None or outtype.lower() not in UPSTREAM_OUTTYPES or imatrix:
         extra_kv[STRATEGY_DIGEST_KEY] = policy.effective_plan().digest()
         if args.strategy is not None:
             extra_kv[STRATEGY_FILE_KEY] = args.strategy.name[:127]
 
+    hessians = None
+    if args.hessian is not None:
+        from measure.hessian import HessianError, load_hessians
+
+        try:
+            hessians = load_hessians(args.hessian)
+        except HessianError as e:
+            raise UserError(str(e)) from None
+        extra_kv[COMPENSATED_KEY] = args.hessian.name[:127]
     prefetcher = Prefetcher(max(1, args.threads))
-    sink = ConvertSink(policy=policy, imatrix=imatrix, validate=validate, prefetcher=prefetcher)
+    sink = ConvertSink(policy=policy, imatrix=imatrix, validate=validate, prefetcher=prefetcher, hessians=hessians)
     cfg = RunConfig(sink=sink, extra_kv=extra_kv)
     upstream_args = argparse.Namespace(**vars(args))
     upstream_args.outtype = "f16"  # the hook's base: upstream asks F16 for tensors it would convert
@@ -663,7 +695,8 @@ def _main(argv: list[str]) -> int:
         prefetcher.close()
     if sink.n_tensors:
         logger.info(f"{sink.n_tensors} tensors; most weights in {sink.file_type_name()}; "
-                    f"{sink.n_with_importance} quantized with importance")
+                    f"{sink.n_with_importance} quantized with importance"
+                    + (f", {sink.n_compensated} error-compensated" if hessians is not None else ""))
     return 0
 
 

@@ -8,7 +8,10 @@ What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed b
 2. imatrix: reference `llama-imatrix` on the CALIBRATION text (default ../shared/data/moby-dick.txt).
 3. stock: reference `llama-quantize --imatrix` at Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K; their file sizes are
    the budgets.
-4. measurements: `python -m measure MODEL --imatrix I --db F` (every tensor x every type, round trip errors).
+4. measurements: `python -m measure MODEL --imatrix I --db F` (every tensor x every type, round trip errors);
+   with --compensate (default) also `--hessian C`, the input covariances `python -m measure imatrix --hessian`
+   computes from the same calibration text, and the probes and our converter use the same file: our files are
+   written with the error-compensated encoding (quants/compensate.py), stock files by llama-quantize.
 5. calibration: end-to-end probes with verify.probe on a slice of the CALIBRATION text that the imatrix did
    not see (never the evaluation text), fitted by strategy.calibrate.
 6. plans at each stock size: budget allocator uncalibrated, ASHQ1, budget allocator calibrated; each converted
@@ -127,6 +130,29 @@ class Bench:
                  "--chunks", a.imatrix_chunks, "-t", self.threads, "-o", tmp], self.env)
         return produce(out, make, f"llama-imatrix on {self.calib_text.name} ({a.imatrix_chunks} x {a.imatrix_ctx})")
 
+    # 2b. input covariances (error-compensated encoding), from the same text and chunks as the imatrix
+    def hessian(self) -> Path | None:
+        a = self.a
+        if not a.compensate:
+            return None
+        k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks, "cov")
+        out = self.dir / f"cov-{k}.safetensors"
+
+        def make(tmp: Path) -> None:
+            res = subprocess.run([sys.executable, "-m", "measure", "imatrix", self.model, "--text", self.calib_text,
+                                  "--ctx", str(a.imatrix_ctx), "--chunks", str(a.imatrix_chunks),
+                                  "-o", tmp.with_suffix(".imatrix.gguf"), "--hessian", tmp],
+                                 cwd=ROOT, text=True, capture_output=True)
+            tmp.with_suffix(".imatrix.gguf").unlink(missing_ok=True)
+            if res.returncode != 0:
+                raise SystemExit(f"error: python -m measure imatrix failed: {(res.stderr or res.stdout).strip()[-800:]}")
+        return produce(out, make, f"input covariances (torch) on {self.calib_text.name} ({a.imatrix_chunks} x "
+                                  f"{a.imatrix_ctx})")
+
+    def hessian_args(self) -> list:
+        h = self.hessian()
+        return ["--hessian", h] if h is not None else []
+
     # 3. stock mixes
     def stock(self, mix: str) -> Path:
         im = self.imatrix()
@@ -139,13 +165,15 @@ class Bench:
     # 4. measurements
     def measurements(self) -> Path:
         im = self.imatrix()
-        db = self.dir / f"measure-{im.stem}.db"
+        h = self.hessian()
+        db = self.dir / (f"measure-{im.stem}.db" if h is None else f"measure-{im.stem}-{h.stem}.db")
         done = db.with_suffix(".done")
         if not done.exists():
             log("python -m measure (round trip of every tensor x type)")
             t0 = time.time()
             res = subprocess.run([sys.executable, "-m", "measure", self.model, "--imatrix", im, "--db", db,
-                                  "--types", TYPES, "--workers", str(self.threads), "--no-progress"],
+                                  "--types", TYPES, "--workers", str(self.threads), "--no-progress",
+                                  *self.hessian_args()],
                                  cwd=ROOT, text=True, capture_output=True)
             if res.returncode != 0:
                 raise SystemExit(f"error: python -m measure failed: {(res.stderr or res.stdout).strip()[-800:]}")
@@ -234,8 +262,13 @@ class Bench:
         from verify.probe import ProbeSession
 
         im = load_imatrix(imatrix_path)
+        hessians = None
+        if self.hessian() is not None:
+            from measure.hessian import load_hessians
+
+            hessians = load_hessians(self.hessian())
         session = ProbeSession(self.base(), self.probe_text(), n_ctx=self.a.probe_ctx, n_chunks=self.a.probe_chunks,
-                               threads=self.threads, verbose=True, emulate_ggml=emulate)
+                               threads=self.threads, verbose=True, emulate_ggml=emulate, hessians=hessians)
         shapes = {n: tuple(w.shape) for n, w in session.originals.items()}
 
         def probe(assign: dict[str, str]) -> float:
@@ -265,7 +298,8 @@ class Bench:
         d.mkdir(exist_ok=True)
         tmp_plan = d / f".{plan_name}"
         save_plan(res.plan, tmp_plan)
-        digest = sha_file(tmp_plan)[:12]
+        h = self.hessian()
+        digest = sha_file(tmp_plan)[:12] + ("" if h is None else f"-{h.stem}")  # other covariance, other bytes
         plan_path = d / plan_name
         os.replace(tmp_plan, plan_path)
         out = self.dir / "ours" / f"{mix}-{method}-{digest}.gguf"
@@ -273,7 +307,7 @@ class Bench:
 
         def make(tmp: Path) -> None:
             run([sys.executable, ROOT / "convert_hf_to_gguf_strategy.py", self.model, "--strategy", plan_path,
-                 "--imatrix", self.imatrix(), "--outfile", tmp])
+                 "--imatrix", self.imatrix(), *self.hessian_args(), "--outfile", tmp])
         produce(out, make, f"convert {mix} {method} (predicted {res.size} bytes, target {target})")
         actual = out.stat().st_size
         if actual > target:
@@ -311,6 +345,7 @@ class Bench:
         out = self.dir / "plans" / f"cli-{mix}.yaml"
         res = subprocess.run([sys.executable, "-m", "strategy", "build", "--db", self.measurements(), "--model",
                               self.model, "--imatrix", self.imatrix(), "--target-size", str(target),
+                              *self.hessian_args(), "--emulate-ggml",
                               "--calibration", cal, "--check-text", self.probe_text(), "--check-chunks",
                               str(self.a.probe_chunks), "-o", out], cwd=ROOT, text=True, capture_output=True)
         lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "stock check" in ln or "warning" in ln]
@@ -397,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of probe-judged refinement of the selected plan (strategy.select.refine_by_probe)")
     ap.add_argument("--probe-offset", type=float, default=0.5,
                     help="probes read the calibration text from this fraction on (the imatrix read the start)")
+    ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
+                    help="our files use the error-compensated encoding (input covariances from the calibration text; "
+                         "measure, probes and converter all get --hessian); --no-compensate: ggml's own encoding")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=10)
     ap.add_argument("--mixes", default=",".join(MIXES))

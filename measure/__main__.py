@@ -18,11 +18,13 @@ SUBCOMMANDS = ("imatrix", "inspect", "export")
 def _user_errors() -> tuple[type[BaseException], ...]:
     from catalog import ModelInputError
     from measure.db import DBError
+    from measure.hessian import HessianError
     from measure.imatrix import ImatrixError
     from measure.imatrix_compute import ImatrixComputeError
     from quants import QuantInputError
 
-    return (ModelInputError, ImatrixError, DBError, QuantInputError, ImatrixComputeError, FileNotFoundError)
+    return (ModelInputError, ImatrixError, DBError, QuantInputError, ImatrixComputeError, HessianError,
+            FileNotFoundError)
 
 
 def _measure(argv: list[str]) -> int:
@@ -43,9 +45,13 @@ def _measure(argv: list[str]) -> int:
     p.add_argument("--sample", type=float, default=1.0,
                    help="fraction of each tensor's rows to round-trip (default 1: all; e.g. 0.25 estimates the "
                         "errors from a quarter of the rows, sizes stay exact)")
+    p.add_argument("--hessian", type=Path, default=None,
+                   help="input covariances (`python -m measure imatrix --hessian`): measure the error-compensated "
+                        "encoding the converter writes with the same file")
     a = p.parse_args(argv)
     s = run(a.model_dir, a.db, imatrix_paths=a.imatrix, combine=a.combine, types=parse_types(a.types),
-            workers=a.workers, progress=not a.no_progress, backend=a.quantizer, sample=a.sample)
+            workers=a.workers, progress=not a.no_progress, backend=a.quantizer, sample=a.sample,
+            hessian_path=a.hessian)
     print(f"{s.db}: {s.n_tensors} tensors x {s.n_types} types: {s.computed} computed, {s.skipped} already done, "
           f"{s.not_applicable} not applicable, {s.seconds:.1f}s")
     return 0
@@ -62,10 +68,13 @@ def _imatrix(argv: list[str]) -> int:
     p.add_argument("--chunks", type=int, default=-1)
     p.add_argument("--process-output", action="store_true", help="also collect output.weight, as llama-imatrix can")
     p.add_argument("--device", default=None)
+    p.add_argument("--hessian", type=Path, default=None,
+                   help="also write each weight's full input covariance here (safetensors), for error-compensated "
+                        "encoding (--hessian of measure, convert and strategy)")
     a = p.parse_args(argv)
     out = compute_imatrix(a.model_dir, a.text, a.output, ctx=a.ctx, chunks=a.chunks,
-                          process_output=a.process_output, device=a.device)
-    print(f"wrote {out}")
+                          process_output=a.process_output, device=a.device, hessian_output=a.hessian)
+    print(f"wrote {out}" + (f" and {a.hessian}" if a.hessian else ""))
     return 0
 
 

@@ -27,16 +27,20 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class _Acc:
-    """float64 running sums of x^2 per column and per matrix (expert), plus token counts."""
+    """float64 running sums of x^2 per column and per matrix (expert), plus token counts; with `cov`, also the
+    whole X^T X (dense weights only: the input covariance error-compensated encoding needs)."""
 
-    def __init__(self, n: int, n_mat: int = 1):
+    def __init__(self, n: int, n_mat: int = 1, cov: bool = False):
         self.sums = np.zeros((n_mat, n), dtype=np.float64)
         self.counts = np.zeros(n_mat, dtype=np.int64)
+        self.cov = np.zeros((n, n), dtype=np.float64) if cov and n_mat == 1 else None
 
     def add(self, x, mat: int = 0) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
         self.sums[mat] += (x * x).sum(0).cpu().numpy()
         self.counts[mat] += x.shape[0]
+        if self.cov is not None:
+            self.cov += (x.T @ x).cpu().numpy()
 
 
 def _tokenize(model_dir: Path, text_path: Path) -> tuple[list[int], int | None]:
@@ -71,8 +75,10 @@ def _name_map(model_dir: Path):
 
 def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, output: str | os.PathLike, *,
                     ctx: int = 512, chunks: int = -1, process_output: bool = False, device: str | None = None,
-                    dataset_name: str | None = None) -> Path:
-    """Compute and write a GGUF imatrix; returns its path. Raises ImatrixComputeError / catalog.ModelInputError."""
+                    dataset_name: str | None = None, hessian_output: str | os.PathLike | None = None) -> Path:
+    """Compute and write a GGUF imatrix; returns its path. Raises ImatrixComputeError / catalog.ModelInputError.
+
+    `hessian_output`: also write every dense weight's input covariance there (`measure.hessian`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +112,7 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
         def hook(_mod, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
             if isinstance(x, torch.Tensor) and x.shape[-1] == n_in:
-                accs.setdefault(name, _Acc(n_in)).add(x)
+                accs.setdefault(name, _Acc(n_in, cov=hessian_output is not None)).add(x)
         return hook
 
     def experts_hook(layer: int, mod):
@@ -163,5 +169,10 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
     if not accs:
         raise ImatrixComputeError(f"{model_dir}: no matrix multiplication could be mapped to a GGUF tensor name")
     entries = {n: ImatrixEntry(a.sums.astype(np.float32), a.counts.copy()) for n, a in accs.items()}
+    if hessian_output is not None:
+        from measure.hessian import save_hessians
+
+        covs = {n: a.cov for n, a in accs.items() if a.cov is not None}
+        save_hessians(hessian_output, covs, {n: int(accs[n].counts[0]) for n in covs})
     return save_imatrix_gguf(output, entries, datasets=[dataset_name or str(text)], chunk_count=n_chunk,
                              chunk_size=ctx)

@@ -53,7 +53,9 @@ BACKENDS = ("numpy", "ggml")
 
 
 def _quantize_2d(rows: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None,
-                 backend: str) -> np.ndarray:
+                 backend: str, hessian: np.ndarray | None = None) -> np.ndarray:
+    if hessian is not None:  # error-compensated encoding: our quantizer walks the blocks (see quants.compensate)
+        return quants.quantize(rows, qtype, importance, name=name, hessian=hessian)
     if backend == "ggml" and qtype not in ("F32", "F16", "BF16"):
         from llamacpp.ggml import ggml_quantize
 
@@ -98,8 +100,13 @@ class ErrorSums:
         self.sse = self.wnum = self.wden = self.wn2 = self.rn2 = self.dot = 0.0
         self.max_abs = 0.0
 
-    def add(self, w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> None:
-        """w, r: (rows, n_per_row) float32; importance: (n_per_row,) or None."""
+    def add(self, w: np.ndarray, r: np.ndarray, importance: np.ndarray | None,
+            hessian: np.ndarray | None = None) -> None:
+        """w, r: (rows, n_per_row) float32; importance: (n_per_row,) or None.
+
+        With `hessian` (the input covariance, whose diagonal is the importance) the weighted error is the output
+        error e H e^T over tr(H), which equals the importance-weighted error when H is diagonal: the quantity an
+        error-compensated encoding minimises (its weight-space error is larger than plain rounding's by design)."""
         n_per_row = w.shape[-1]
         w2 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, n_per_row)
         r2 = np.ascontiguousarray(r, dtype=np.float32).reshape(-1, n_per_row)
@@ -110,7 +117,12 @@ class ErrorSums:
         sq = np.square(err, out=err)
         sse = float(sq.sum(axis=1).sum(dtype=np.float64))
         self.sse += sse
-        if importance is None:
+        if hessian is not None:
+            h = np.asarray(hessian, dtype=np.float32)
+            e = r2 - w2
+            self.wnum += float(np.einsum("ij,ij->i", e @ h, e).sum(dtype=np.float64))
+            self.wden += float(np.trace(h.astype(np.float64))) * e.shape[0]
+        elif importance is None:
             self.wnum += sse
             self.wden += float(sq.size)
         else:
@@ -167,15 +179,16 @@ def error_stats(w: np.ndarray, r: np.ndarray, importance: np.ndarray | None) -> 
 
 
 def chunked_errors(data: np.ndarray, qtype: str, importance: np.ndarray | None, name: str | None = None,
-                   backend: str = "numpy") -> Errors:
+                   backend: str = "numpy", hessian: np.ndarray | None = None) -> Errors:
     """error_stats(data, round_trip(data, ...)) a chunk of rows at a time (same bytes: every type quantizes each
     row on its own given the importance), never holding a whole-tensor copy."""
     acc = ErrorSums()
     for rows, imp in _matrices(data, importance):
         for sl in _row_slices(rows.shape[0], rows.shape[-1]):
             chunk = np.ascontiguousarray(rows[sl], dtype=np.float32)
-            q = _quantize_2d(chunk, qtype, imp, name, backend)
-            acc.add(chunk, quants.dequantize(q, qtype).reshape(chunk.shape), imp)
+            h = hessian if data.ndim == 2 else None
+            q = _quantize_2d(chunk, qtype, imp, name, backend, h)
+            acc.add(chunk, quants.dequantize(q, qtype).reshape(chunk.shape), imp, h)
     return acc.result()
 
 
@@ -199,14 +212,14 @@ def sample_rows(data: np.ndarray, fraction: float, name: str, min_rows: int = MI
 
 def measure_tensor(name: str, data: np.ndarray, qtype: str, importance: np.ndarray | None, *,
                    tensor_class: str = "", layer: int | None = None, backend: str = "numpy",
-                   sample: float = 1.0) -> Measurement | None:
+                   sample: float = 1.0, hessian: np.ndarray | None = None) -> Measurement | None:
     """Measurement of one tensor at one type, or None when the type does not fit the row length.
 
     `sample` < 1 round-trips only that fraction of rows (at least MIN_SAMPLE_ROWS); sizes stay exact."""
     if not applicable(data.shape, qtype):
         return None
     part = sample_rows(data, sample, name)
-    e = chunked_errors(part, qtype, importance, name, backend)
+    e = chunked_errors(part, qtype, importance, name, backend, hessian)
     n_bytes = tensor_bytes(data.shape, qtype)
     n = int(np.prod(data.shape))
     return Measurement(tensor=name, qtype=qtype, n_params=n, n_bytes=n_bytes,

@@ -80,14 +80,15 @@ def _worker_warm_up() -> None:
 
 
 def _measure_unit(path: str, name: str, qtype: str, importance: np.ndarray | None, cls: str,
-                  layer: int | None, backend: str = "numpy", sample: float = 1.0
+                  layer: int | None, backend: str = "numpy", sample: float = 1.0, hessian_path: str | None = None
                   ) -> tuple[str, str, Measurement | None, float]:
     from measure.roundtrip import measure_tensor
 
     t0 = time.perf_counter()
     data = np.load(path, mmap_mode="r")
+    hessian = np.load(hessian_path) if hessian_path else None
     m = measure_tensor(name, np.asarray(data), qtype, importance, tensor_class=cls, layer=layer, backend=backend,
-                       sample=sample)
+                       sample=sample, hessian=hessian)
     return name, qtype, m, time.perf_counter() - t0
 
 
@@ -109,14 +110,20 @@ def _shm_root() -> Path:
 def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_paths: Sequence[str | os.PathLike] = (),
         combine: str = "mean", types: Sequence[str] | None = None, workers: int | None = None,
         progress: bool = True, tensors: Sequence[str] | None = None, backend: str = "numpy",
-        sample: float = 1.0) -> RunSummary:
-    """Measure and store; raises catalog.ModelInputError / ImatrixError / DBError for bad input."""
+        sample: float = 1.0, hessian_path: str | os.PathLike | None = None) -> RunSummary:
+    """Measure and store; raises catalog.ModelInputError / ImatrixError / DBError for bad input.
+
+    `hessian_path` (input covariances, `measure.hessian`) measures the error-compensated encoding of every
+    2-D tensor the file covers, as the converter writes it with the same file."""
     from measure.db import DBError
     from measure.roundtrip import DEFAULT_TYPES
 
     t_start = time.monotonic()
     if not 0.0 < sample <= 1.0:
         raise DBError(f"--sample {sample}: must be a fraction in (0, 1]")
+    if backend == "ggml" and hessian_path is not None:
+        raise DBError("--hessian measures our error-compensated encoding, which libggml has no quantizer for; "
+                      "drop --quantizer ggml")
     if backend == "ggml":
         from llamacpp.ggml import load_libggml
         from llamacpp.reference import ReferenceNotFound
@@ -135,14 +142,14 @@ def run(model_dir: str | os.PathLike, db_path: str | os.PathLike, *, imatrix_pat
             for _ in range(n_workers):
                 pool.submit(_worker_warm_up)
         return _run(model_dir, db_path, pool, n_workers, imatrix_paths, combine, types, progress, tensors, backend,
-                    sample, t_start)
+                    sample, t_start, hessian_path)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine: str, types: list[str],
-         progress: bool, tensors, backend: str, sample: float, t_start: float) -> RunSummary:
+         progress: bool, tensors, backend: str, sample: float, t_start: float, hessian_path=None) -> RunSummary:
     import catalog
     from measure.db import MeasurementDB, model_fingerprint, quantizer_version
     from measure.imatrix import load_imatrix
@@ -153,11 +160,22 @@ def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine:
     imat = load_imatrix(list(imatrix_paths), combine) if imatrix_paths else None
     if imat is not None:
         imat.check_model([(i.name, i.shape) for i in infos if i.quantizable])
+    hess = None
+    if hessian_path is not None:
+        from measure.hessian import load_hessians
+
+        hess = load_hessians(hessian_path)
+        for i in quant:  # a covariance for another model fails here, before any work
+            if len(i.shape) == 2:
+                hess.for_tensor(i.name, i.shape[-1])
+    imatrix_fp = imat.fingerprint() if imat else None
+    if hess is not None:  # another covariance, other bytes: a run of its own
+        imatrix_fp = f"{imatrix_fp or ''}+cov:{hess.fingerprint()}"
 
     db = MeasurementDB(db_path, readonly=False)
     try:
         key = db.bind(model_fp=model_fingerprint(model_dir), model_dir=str(model_dir.resolve()),
-                      imatrix_fp=imat.fingerprint() if imat else None,
+                      imatrix_fp=imatrix_fp,
                       imatrix_paths=[str(Path(p).resolve()) for p in imatrix_paths],
                       quant_version=quantizer_version(backend), types=types, sample=sample)
         db.put_tensors((i.name, i.shape, i.n_params, i.cls, i.layer, i.quantizable,
@@ -181,7 +199,7 @@ def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine:
         bar.tensors_done = len(quant) - len(todo)
         computed = 0
         if todo:
-            computed = _execute(model_dir, db, key, todo, by_name, imat, pool, n_workers, bar, backend, sample)
+            computed = _execute(model_dir, db, key, todo, by_name, imat, pool, n_workers, bar, backend, sample, hess)
         bar.close()
     finally:
         db.close()
@@ -189,7 +207,7 @@ def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine:
 
 
 def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name: dict, imat, pool, n_workers: int,
-             bar: Progress, backend: str, sample: float) -> int:
+             bar: Progress, backend: str, sample: float, hess=None) -> int:
     import catalog
 
     shm = Path(tempfile.mkdtemp(prefix=f"measure-tensors-{os.getpid()}-", dir=_shm_root()))
@@ -216,22 +234,29 @@ def _execute(model_dir: Path, db, key: str, todo: dict[str, list[str]], by_name:
             finished_tensor = remaining[name] == 0
             if finished_tensor:
                 (shm / f"{_safe(name)}.npy").unlink(missing_ok=True)
+                (shm / f"{_safe(name)}.cov.npy").unlink(missing_ok=True)
             bar.update(units=1, weight=by_name[name].n_params, tensors=int(finished_tensor))
 
         for info, data in catalog.iter_tensors(model_dir, names=set(todo)):
             path = shm / f"{_safe(info.name)}.npy"
             imp = imat.importance_for(info.name, info.shape) if imat is not None else None
+            hpath = None
+            h = hess.for_tensor(info.name, info.shape[-1]) if hess is not None and len(info.shape) == 2 else None
+            if h is not None:
+                hpath = str(shm / f"{_safe(info.name)}.cov.npy")
+                np.save(hpath, h)
             if pool is None:
                 np.save(path, data)
                 for t in todo[info.name]:
-                    record(*_measure_unit(str(path), info.name, t, imp, info.cls, info.layer, backend, sample))
+                    record(*_measure_unit(str(path), info.name, t, imp, info.cls, info.layer, backend, sample, hpath))
                 continue
             np.save(path, np.ascontiguousarray(data, dtype=np.float32))
             del data
             for t in todo[info.name]:
                 while len(pending) >= max_inflight:
                     collect(block=True)
-                pending.add(pool.submit(_measure_unit, str(path), info.name, t, imp, info.cls, info.layer, backend, sample))
+                pending.add(pool.submit(_measure_unit, str(path), info.name, t, imp, info.cls, info.layer, backend,
+                                        sample, hpath))
                 collect(block=False)
         while pending:
             collect(block=True)

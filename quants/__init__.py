@@ -120,13 +120,23 @@ def _check_inputs(data: np.ndarray, qtype: GGMLQuantizationType, importance: np.
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np.ndarray | None = None,
-             *, name: str | None = None) -> np.ndarray:
+             *, name: str | None = None, hessian: np.ndarray | None = None) -> np.ndarray:
     """Quantize like ggml_quantize_chunk(type, data, importance); bytes laid out as gguf-py lays them out.
 
     Returns an array of shape data.shape[:-1] + (row_bytes,), dtype uint8 (float16/float32 for F16/F32,
     as gguf.quants.quantize returns them). A 2-D importance with 3-D data is per expert (an imatrix's `_exps`
     entry): expert e is quantized with importance[e], as llama-quantize does.
+    `hessian` (the input covariance, K x K, of a 2-D weight) selects the error-compensated encoding
+    (`quants.compensate`): same types, blocks that ggml decodes, chosen to cancel output error.
     """
+    if hessian is not None:
+        if np.ndim(data) != 2:
+            raise QuantInputError(f"tensor {name or ''!r}: error compensation is for 2-D weights; "
+                                  f"quantize this {np.ndim(data)}-D tensor without an input covariance")
+        from quants.compensate import quantize_compensated
+
+        rows, imp = _check_inputs(data, parse_type(qtype), importance, name)
+        return quantize_compensated(rows, qtype, imp, hessian, name=name)
     if importance is not None and np.ndim(importance) == 2 and np.ndim(data) == 3:
         return np.stack([quantize(data[e], qtype, importance[e], name=f"{name or 'tensor'}[expert {e}]")
                          for e in range(data.shape[0])])
@@ -151,9 +161,9 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str) -> np.ndarra
 
 
 def round_trip(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np.ndarray | None = None,
-               *, name: str | None = None) -> np.ndarray:
+               *, name: str | None = None, hessian: np.ndarray | None = None) -> np.ndarray:
     """What a tensor becomes after being written as `qtype` and read back (float32, data's shape)."""
-    return dequantize(quantize(data, qtype, importance, name=name), qtype).reshape(np.shape(data))
+    return dequantize(quantize(data, qtype, importance, name=name, hessian=hessian), qtype).reshape(np.shape(data))
 
 
 def _gguf_quants() -> ModuleType:

@@ -207,8 +207,13 @@ def _probe_engine(a):
         from verify.probe import ProbeSession  # the verify engineer's engine
     except ImportError:
         return None
+    hessians = None
+    if getattr(a, "hessian", None):
+        from measure.hessian import load_hessians
+
+        hessians = load_hessians(a.hessian)
     session = ProbeSession(a.model, a.check_text, n_chunks=a.check_chunks,
-                           emulate_ggml=bool(getattr(a, "emulate_ggml", False)))
+                           emulate_ggml=bool(getattr(a, "emulate_ggml", False)), hessians=hessians)
     imp: dict = {}
     if getattr(a, "imatrix", None):
         from measure.imatrix import load_imatrix
@@ -312,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--imatrix", help="imatrix (GGUF or .dat): coverage limits, ASHQ1 importance and tied groups")
     b.add_argument("--check-text", help="evaluation text for the end-to-end check against stock")
     b.add_argument("--check-chunks", type=int, default=4)
+    b.add_argument("--hessian", help="input covariances the converter will use (--hessian): probes round-trip "
+                                     "with the error-compensated encoding")
     b.add_argument("--emulate-ggml", action="store_true",
                    help="the check's probes round activations as llama.cpp's CPU matmul does (about 2x slower)")
     b.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
@@ -329,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--text", required=False, help="evaluation text for the probes")
     c.add_argument("--chunks", type=int, default=4)
     c.add_argument("--imatrix", help="imatrix (GGUF or .dat) the converter will use: probes round-trip with it")
+    c.add_argument("--hessian", help="input covariances the converter will use (--hessian): probes round-trip "
+                                     "with the error-compensated encoding")
     c.add_argument("--random-probes", type=int, default=8)
     c.add_argument("--probe-steps", choices=("sparse", "all"), default="sparse",
                    help="sparse: each group probed at two ladder steps (extrapolated to the others); all: at every "

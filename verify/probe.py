@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ class ProbeSession:
 
     def __init__(self, model: Path | str, text: Path | str, *, n_ctx: int = 512, n_chunks: int = 4,
                  threads: int | None = None, cache_dir: Path | None = None, batch: int = 4,
-                 emulate_ggml: bool = False, verbose: bool = False):
+                 emulate_ggml: bool = False, verbose: bool = False, hessians: Any = None):
         t0 = time.time()
         model = Path(model)
         model_dir = model if model.is_dir() else None
@@ -116,6 +117,9 @@ class ProbeSession:
         self.originals = dict(self.model.w)
         self.original_types = dict(self.model.qtypes)
         self._memo: dict[tuple, torch.Tensor] = {}
+        # measure.hessian.Hessians (anything with for_tensor(name, n_in)): round trips use the error-compensated
+        # encoding the converter writes with the same covariance file
+        self.hessians = hessians
         # one pass over the base: hidden state entering each layer (index n_layer = final), and the base rows
         self.hidden: list[list[torch.Tensor]] = []
         rows, nll = [], []
@@ -148,7 +152,9 @@ class ProbeSession:
             np.ascontiguousarray(importance, dtype=np.float32).tobytes()).hexdigest())
         if key not in self._memo:
             w = self.originals[name].numpy()
-            self._memo[key] = torch.from_numpy(np.ascontiguousarray(quants.round_trip(w, qtype, importance, name=name)))
+            h = self.hessians.for_tensor(name, w.shape[-1]) if self.hessians is not None and w.ndim == 2 else None
+            self._memo[key] = torch.from_numpy(np.ascontiguousarray(
+                quants.round_trip(w, qtype, importance, name=name, hessian=h)))
         return self._memo[key]
 
     def clear_memo(self) -> None:

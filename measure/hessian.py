@@ -1,0 +1,120 @@
+"""Input covariances (X^T X / tokens) of every dense matmul, the data behind error-compensated encoding.
+
+An imatrix keeps only the diagonal of this matrix; `quants.compensate` needs the whole of it. Tensors that read
+the same input (attn_q/k/v, ffn_gate/up) share one matrix in the file. Written by
+`python -m measure imatrix ... --hessian FILE` (torch, `measure.imatrix_compute`).
+
+File: safetensors, one float32 (K, K) tensor per distinct input named `cov.N`, and in the metadata the JSON map
+`tensors` {GGUF tensor name: `cov.N`} and `tokens` (how many rows were summed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAP_KEY = "tensors"
+
+
+class HessianError(ValueError):
+    """Unreadable or mismatched covariance file; one line naming the file and the fix."""
+
+
+class Hessians:
+    """Read lazily: a 1536 x 1536 matrix per ffn_down adds up to hundreds of MB for a whole model."""
+
+    def __init__(self, path: Path, mapping: dict[str, str], tokens: int):
+        self.path = Path(path)
+        self.mapping = mapping
+        self.tokens = tokens
+        self._fingerprint: str | None = None
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.mapping
+
+    def names(self) -> list[str]:
+        return sorted(self.mapping)
+
+    def for_tensor(self, name: str, n_in: int) -> np.ndarray | None:
+        """The (n_in, n_in) covariance of the input of `name`, or None when the file has none for it."""
+        key = self.mapping.get(name)
+        if key is None:
+            return None
+        if key not in self._cache:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="numpy") as f:
+                self._cache[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+            if len(self._cache) > 4:
+                self._cache.pop(next(iter(self._cache)))
+        h = self._cache[key]
+        if h.shape != (n_in, n_in):
+            raise HessianError(f"{self.path}: covariance for {name} is {h.shape[0]}x{h.shape[1]}, the tensor has "
+                               f"{n_in} columns; the file was computed for another model")
+        return h
+
+    def fingerprint(self) -> str:
+        """Content hash (part of a measurement db's identity: other covariances, other bytes)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def load_hessians(path: str | os.PathLike) -> Hessians:
+    path = Path(path)
+    if not path.is_file():
+        raise HessianError(f"{path}: covariance file not found (write one with "
+                           f"`python -m measure imatrix MODEL --text T -o I.gguf --hessian {path.name}`)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
+        raise HessianError(f"{path}: not a readable covariance file ({type(e).__name__}: {e}); "
+                           f"recompute it with `python -m measure imatrix ... --hessian`") from None
+    try:
+        mapping = json.loads(meta[MAP_KEY])
+        tokens = int(meta.get("tokens", "0"))
+    except (KeyError, ValueError):
+        raise HessianError(f"{path}: no '{MAP_KEY}' map in its metadata; not written by "
+                           f"`python -m measure imatrix --hessian`") from None
+    missing = sorted(set(mapping.values()) - keys)
+    if missing:
+        raise HessianError(f"{path}: map names {missing[0]} which the file lacks; the file is truncated or "
+                           f"corrupt, recompute it")
+    return Hessians(path, mapping, tokens)
+
+
+def save_hessians(path: str | os.PathLike, sums: dict[str, np.ndarray], tokens: dict[str, int]) -> Path:
+    """Write {tensor name: X^T X} (each divided by its token count), one matrix per distinct input; temp + rename."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    unique: dict[bytes, str] = {}
+    tensors: dict[str, np.ndarray] = {}
+    mapping: dict[str, str] = {}
+    total = 0
+    for name in sorted(sums):
+        n = max(1, int(tokens[name]))
+        total = max(total, n)
+        m = np.ascontiguousarray(sums[name] / n, dtype=np.float32)
+        digest = hashlib.sha1(m.tobytes()).digest()
+        if digest not in unique:
+            unique[digest] = f"cov.{len(unique)}"
+            tensors[unique[digest]] = m
+        mapping[name] = unique[digest]
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={MAP_KEY: json.dumps(mapping), "tokens": str(total)})
+    tmp.replace(path)
+    return path

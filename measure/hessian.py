@@ -60,11 +60,14 @@ class Hessians:
 
     def fingerprint(self) -> str:
         """Content hash (part of a measurement db's identity: other covariances, other bytes)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
+        if self._fingerprint is None:  # of the content, not the file: safetensors orders metadata keys at random
+            from safetensors import safe_open
+
+            h = hashlib.sha256(json.dumps(self.mapping, sort_keys=True).encode() + b"\0%d\0" % self.tokens)
+            with safe_open(str(self.path), framework="numpy") as f:
+                for key in sorted(set(self.mapping.values())):
+                    h.update(key.encode() + b"\0")
+                    h.update(np.ascontiguousarray(f.get_tensor(key), dtype="<f4").tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

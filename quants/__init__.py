@@ -131,7 +131,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np
     """
     if hessian is not None:
         if np.ndim(data) != 2:
-            raise QuantInputError(f"tensor {name or ''!r}: error compensation is for 2-D weights; "
+            raise QuantInputError(f"{f'tensor {name!r}' if name else 'tensor'}: error compensation is for 2-D weights; "
                                   f"quantize this {np.ndim(data)}-D tensor without an input covariance")
         from quants.compensate import quantize_compensated
 

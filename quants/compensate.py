@@ -7,10 +7,11 @@ quantize block b with the project's own ggml quantizer (so every block is exactl
 nudged weights), then move the later columns by the optimal correction, E_b U_bb^-1 U_b,rest with U the upper
 Cholesky factor of H^-1. Rows are independent, so any chunk of whole rows gives the same bytes.
 
-Within a block nothing is compensated (the block's scales must come from ggml's own search), and ggml's
-imatrix search takes its row statistic (mean x^2) from the block column it is handed, not the whole row: the
-result is a different encoding from ggml's, decoded by ggml unchanged; measured better end to end (docs/quality.md).
-With a diagonal H the correction is zero and the bytes equal plain quantization (tested).
+Within a block nothing is compensated (the block's scales must come from ggml's own search). The result is a
+different encoding from ggml's, decoded by ggml unchanged, and measured better end to end (docs/quality.md).
+With a diagonal H the correction is zero and the bytes equal plain quantization (tested), except for the legacy
+32-blocks (Q4_0/Q4_1/Q5_0/Q5_1) with an imatrix: ggml's search weights them with a row statistic (mean x^2),
+which here comes from the block column being quantized, not the whole row (the weighted error differs < 0.1%).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _propagators(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray |
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
     except np.linalg.LinAlgError:
-        raise quants.QuantInputError("input covariance is not positive definite even after damping; "
+        raise quants.QuantInputError(f"input covariance ({k}x{k}) is not positive definite even after damping; "
                                      "recompute it from more calibration tokens") from None
     props: list[np.ndarray | None] = []
     for c in range(0, k, bs):
@@ -80,7 +81,10 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
     bs = GGML_QUANT_SIZES[qtype][0]
     if k % bs:
         return quants.quantize(rows, qtype, importance, name=name)  # raises the usual one-line error
-    props = _propagators(hessian, bs, damp)
+    try:
+        props = _propagators(hessian, bs, damp)
+    except quants.QuantInputError as e:
+        raise quants.QuantInputError(f"{what}: {e}") from None
     imp = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)
     pieces = []
     for r0 in range(0, rows.shape[0], ROW_CHUNK):

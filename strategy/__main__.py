@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
 
     a = ap.parse_args(argv)
     try:
+        if getattr(a, "hessian", None):  # a bad covariance file fails now, not after the plan is solved
+            from measure.hessian import load_hessians
+
+            load_hessians(a.hessian)
         return a.fn(a)
     except (StrategyError, PlanError, SizeError, ValueError, OSError) as e:
         return _err(str(e))

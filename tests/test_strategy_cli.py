@@ -84,6 +84,9 @@ def test_user_errors_are_one_line(inputs):
           "ffn_down=Q9_Z", "-o", d / "x.yaml"), "unknown type"),
         (("build", "--db", d / "m.json", "-o", d / "x.yaml"), "needs --target-size"),
         (("show", d / "nope.yaml"), "cannot read"),
+        (("build", "--db", d / "m.json", "--metas", d / "metas.json", "--target-bpw", "4.5", "--hessian",
+          d / "nope.safetensors", "-o", d / "x.yaml"), "covariance file not found"),
+        (("calibrate", "--db", d / "m.json", "--hessian", d / "m.json"), "not a readable covariance file"),
     ]:
         p = run(*args, check=False)
         assert p.returncode == 2, (args, p.stderr)

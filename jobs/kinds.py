@@ -108,6 +108,8 @@ def _measure(p: dict[str, Any], ws: Path) -> Command:
     argv = _py("-m", "measure", str(model), "--db", str(db))
     if p.get("imatrix"):
         _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
+    if p.get("hessian"):  # input covariances: the error-compensated encoding (docs/compensation.md)
+        _opt(argv, "--hessian", _path(ws, p["hessian"], "hessian"))
     if p.get("types"):
         _opt(argv, "--types", ",".join(p["types"]) if isinstance(p["types"], list) else p["types"])
     _opt(argv, "--workers", p.get("workers"))
@@ -122,7 +124,13 @@ def _imatrix(p: dict[str, Any], ws: Path) -> Command:
     argv = _py("-m", "measure", "imatrix", str(model), "-o", str(out), "--text", str(text))
     _opt(argv, "--ctx", p.get("ctx"))
     _opt(argv, "--chunks", p.get("chunks"))
-    return Command(argv, outputs={"imatrix": _rel(ws, out)})
+    outputs = {"imatrix": _rel(ws, out)}
+    if p.get("hessian"):  # also the input covariances (the path to write them to)
+        cov = _path(ws, p["hessian"], "hessian")
+        cov.parent.mkdir(parents=True, exist_ok=True)
+        _opt(argv, "--hessian", cov)
+        outputs["hessian"] = _rel(ws, cov)
+    return Command(argv, outputs=outputs)
 
 
 def _strategy(p: dict[str, Any], ws: Path) -> Command:
@@ -141,6 +149,8 @@ def _strategy(p: dict[str, Any], ws: Path) -> Command:
     _opt(argv, "--method", p.get("method"))
     if p.get("imatrix"):
         _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
+    if p.get("hessian"):
+        _opt(argv, "--hessian", _path(ws, p["hessian"], "hessian"))
     return Command(argv, outputs={"strategy": _rel(ws, out)})
 
 
@@ -158,6 +168,8 @@ def _convert(p: dict[str, Any], ws: Path) -> Command:
         argv += ["--outtype", str(p.get("outtype") or "bf16")]
     if p.get("imatrix"):
         _opt(argv, "--imatrix", _path(ws, p["imatrix"], "imatrix"))
+    if p.get("hessian"):
+        _opt(argv, "--hessian", _path(ws, p["hessian"], "hessian"))
     return Command(argv, outputs={"gguf": _rel(ws, out)})
 
 

@@ -270,3 +270,20 @@ def test_clean_worker_stop_requeues_running_job(hub, tmp_path):
     j = store.get(jid)
     assert j.state == "queued" and j.message == "worker stopped; re-queued"
     assert json.loads(jobs_cli(ws, "show", str(jid), "--json").stdout)["state"] == "queued"
+
+
+def test_kinds_pass_the_covariance_file_to_every_stage(tmp_path):
+    """`hessian` in a job's params: written by the imatrix job, read by measure, strategy and convert."""
+    from jobs.kinds import KINDS
+
+    ws = tmp_path
+    (ws / "models" / "m").mkdir(parents=True)
+    cmd = KINDS["imatrix"].build({"model": "models/m", "hessian": "measurements/m.cov.safetensors"}, ws)
+    i = cmd.argv.index("--hessian")
+    assert Path(cmd.argv[i + 1]) == ws / "measurements" / "m.cov.safetensors"
+    assert cmd.outputs["hessian"] == "measurements/m.cov.safetensors"
+    params = {"model": "models/m", "db": "m.sqlite", "strategy": "s.yaml", "hessian": "measurements/m.cov.safetensors"}
+    for kind in ("measure", "strategy", "convert"):
+        argv = KINDS[kind].build(dict(params), ws).argv
+        assert argv[argv.index("--hessian") + 1] == str(ws / "measurements" / "m.cov.safetensors"), kind
+        assert "--hessian" not in KINDS[kind].build({k: v for k, v in params.items() if k != "hessian"}, ws).argv

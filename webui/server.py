@@ -30,7 +30,7 @@ from jobs.worker import worker_alive
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 32 * 1024 * 1024
 PATH_PARAMS = ("model", "db", "strategy", "output", "outfile", "local_dir", "imatrix", "text", "base", "gguf",
-               "model_dir", "candidates")
+               "model_dir", "candidates", "hessian")
 
 
 class ApiError(Exception):

@@ -425,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-emulate", action=argparse.BooleanOptionalAction, default=True,
                     help="probes round activations as llama.cpp does (its Q8_K/Q8_0 rounding is part of the KLD "
                          "every file is scored on)")
-    ap.add_argument("--also-calibrate", default="sparse",
-                    help="further calibrations (comma-separated STEPS[+emulate]) whose plans are also candidates of the "
-                         "probe selection ('' = none)")
+    ap.add_argument("--also-calibrate", default="",
+                    help="further calibrations (comma-separated STEPS[+emulate], e.g. 'sparse') whose plans are also "
+                         "candidates of the probe selection (default none: the sparse fit's plans never won a selection)")
     ap.add_argument("--refine-rounds", type=int, default=1,
                     help="rounds of probe-judged refinement of the selected plan (strategy.select.refine_by_probe)")
     ap.add_argument("--probe-offset", type=float, default=0.5,

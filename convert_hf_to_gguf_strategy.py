@@ -662,9 +662,7 @@ def _main(argv: list[str]) -> int:
             from measure.hessian import HessianError
 
             try:  # a covariance for another model fails before any output exists
-                for i in infos:
-                    if len(i.shape) == 2 and i.name in hessians:
-                        hessians.for_tensor(i.name, i.n_per_row)
+                hessians.check((i.name, i.n_per_row) for i in infos if len(i.shape) == 2)
             except HessianError as e:
                 raise UserError(str(e)) from None
 

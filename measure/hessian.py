@@ -40,6 +40,22 @@ class Hessians:
     def names(self) -> list[str]:
         return sorted(self.mapping)
 
+    def check(self, names_and_inputs) -> None:
+        """Raise HessianError if a covered tensor's matrix is not (n_in, n_in): shapes from the file's header,
+        so validating a whole model before any work reads no matrix."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as f:
+            for name, n_in in names_and_inputs:
+                key = self.mapping.get(name)
+                if key is not None:
+                    self._check_shape(name, tuple(f.get_slice(key).get_shape()), n_in)
+
+    def _check_shape(self, name: str, shape: tuple, n_in: int) -> None:
+        if tuple(shape) != (n_in, n_in):
+            raise HessianError(f"{self.path}: covariance for {name} is {'x'.join(map(str, shape))}, the tensor has "
+                               f"{n_in} columns; the file was computed for another model")
+
     def for_tensor(self, name: str, n_in: int) -> np.ndarray | None:
         """The (n_in, n_in) covariance of the input of `name`, or None when the file has none for it."""
         key = self.mapping.get(name)
@@ -53,9 +69,7 @@ class Hessians:
             if len(self._cache) > 4:
                 self._cache.pop(next(iter(self._cache)))
         h = self._cache[key]
-        if h.shape != (n_in, n_in):
-            raise HessianError(f"{self.path}: covariance for {name} is {h.shape[0]}x{h.shape[1]}, the tensor has "
-                               f"{n_in} columns; the file was computed for another model")
+        self._check_shape(name, h.shape, n_in)
         return h
 
     def fingerprint(self) -> str:

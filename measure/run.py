@@ -165,9 +165,7 @@ def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine:
         from measure.hessian import load_hessians
 
         hess = load_hessians(hessian_path)
-        for i in quant:  # a covariance for another model fails here, before any work
-            if len(i.shape) == 2:
-                hess.for_tensor(i.name, i.shape[-1])
+        hess.check((i.name, i.shape[-1]) for i in quant if len(i.shape) == 2)  # another model fails before any work
     imatrix_fp = imat.fingerprint() if imat else None
     if hess is not None:  # another covariance, other bytes: a run of its own
         imatrix_fp = f"{imatrix_fp or ''}+cov:{hess.fingerprint()}"

@@ -241,3 +241,13 @@ def test_cli_hessian(computed, calibration_text, tmp_path):
     assert a.mapping == b.mapping and a.tokens == b.tokens
     for name, n_in in (("blk.0.attn_q.weight", 256), ("blk.1.ffn_down.weight", 512)):
         np.testing.assert_allclose(a.for_tensor(name, n_in), b.for_tensor(name, n_in), rtol=1e-5, atol=1e-7)
+
+
+def test_check_reads_shapes_without_loading(tmp_path):
+    p = save_hessians(tmp_path / "c.safetensors", {"blk.0.attn_q.weight": np.eye(8)}, {"blk.0.attn_q.weight": 4})
+    h = load_hessians(p)
+    h.check([("blk.0.attn_q.weight", 8), ("not.covered", 3)])
+    assert h._cache == {}  # validation read the header only
+    with pytest.raises(HessianError, match="another model") as e:
+        h.check([("blk.0.attn_q.weight", 16)])
+    assert str(p) in str(e.value)

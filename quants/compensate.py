@@ -1,17 +1,21 @@
-"""Error-compensated encoding (GPTQ-style): the same GGUF blocks ggml decodes, chosen to cancel output error.
+"""Error-compensated encoding (GPTQ): the same GGUF blocks ggml decodes, their codes chosen to cancel output error.
 
-ggml rounds each block on its own, weighting weights by the imatrix (the diagonal of the input covariance H).
-A matmul's output error is E H E^T, so the rounding error of one block can be cancelled by nudging the weights
-not yet quantized, through the off-diagonal of H (GPTQ, Frantar et al. 2022). We walk a row's blocks in order:
-quantize block b with the project's own ggml quantizer (so every block is exactly what ggml writes for the
-nudged weights), then move the later columns by the optimal correction, E_b U_bb^-1 U_b,rest with U the upper
-Cholesky factor of H^-1. Rows are independent, so any chunk of whole rows gives the same bytes.
+ggml rounds each weight on its own, weighting weights by the imatrix (the diagonal of the input covariance H).
+A matmul's output error is E H E^T, so one weight's rounding error can be cancelled by nudging the weights not
+yet quantized, through the off-diagonal of H (GPTQ, Frantar et al. 2022). We walk a row's blocks in order. At
+the start of block b, the project's own ggml quantizer encodes the (already nudged) block, which fixes the
+block's scale bytes exactly as ggml would write them. Then the walk goes weight by weight through the block:
+each weight takes the nearest level of that fixed grid (`quants.levels`; ggml's own code while nothing has
+moved it), and its rounding error moves the later weights of the block by the optimal correction, e_i / U_ii
+times row i of U, the upper Cholesky factor of H^-1. At the end of the block the accumulated errors move the
+rest of the row the same way. Rows are independent, so any chunk of whole rows gives the same bytes.
 
-Within a block nothing is compensated (the block's scales must come from ggml's own search). The result is a
-different encoding from ggml's, decoded by ggml unchanged, and measured better end to end (docs/quality.md).
-With a diagonal H the correction is zero and the bytes equal plain quantization (tested), except for the legacy
-32-blocks (Q4_0/Q4_1/Q5_0/Q5_1) with an imatrix: ggml's search weights them with a row statistic (mean x^2),
-which here comes from the block column being quantized, not the whole row (the weighted error differs < 0.1%).
+Codes chosen inside a block are why this beats compensating whole blocks (the previous encoding): a 256-weight
+K-quant block corrected only at its end cancelled about a third of its output error; per weight, most of it.
+The result is a different encoding from ggml's, decoded by ggml unchanged, and measured better end to end
+(docs/quality.md). With a diagonal H nothing moves and the bytes equal plain quantization (tested), except for
+the legacy 32-blocks (Q4_0/Q4_1/Q5_0/Q5_1) with an imatrix: ggml's search weights them with a row statistic
+(mean x^2), which here comes from the block being quantized, not the whole row (weighted error differs < 0.1%).
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 import quants
+from quants import levels
 
 DAMP = 0.01          # fraction of mean(diag H) added to the diagonal: H from a few thousand tokens is near-singular
 ROW_CHUNK = 4096     # rows corrected at once (float64 working copy)
 _NOT_COMPENSATED = ("F32", "F16", "BF16")
 
-_factor_cache: OrderedDict[tuple, list[np.ndarray | None]] = OrderedDict()
+_factor_cache: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
 
 
-def _propagators(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray | None]:
-    """Per block column b: the (bs, K - end_b) matrix mapping block b's rounding error to the later columns."""
+def _factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
+    """Per block column b starting at c: rows c..c+bs of U from column c on (bs, K - c); H^-1 = U^T U."""
     h = np.ascontiguousarray(hessian, dtype=np.float64)
     key = (hashlib.sha1(h.tobytes()).hexdigest(), h.shape[0], bs, damp)
     hit = _factor_cache.get(key)
@@ -53,19 +58,16 @@ def _propagators(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray |
     except np.linalg.LinAlgError:
         raise quants.QuantInputError(f"input covariance ({k}x{k}) is not positive definite even after damping; "
                                      "recompute it from more calibration tokens") from None
-    props: list[np.ndarray | None] = []
-    for c in range(0, k, bs):
-        e = c + bs
-        props.append(np.linalg.solve(u[c:e, c:e], u[c:e, e:]) if e < k else None)
-    _factor_cache[key] = props
+    rows = [np.ascontiguousarray(u[c:c + bs, c:]) for c in range(0, k, bs)]
+    _factor_cache[key] = rows
     while len(_factor_cache) > 8:
         _factor_cache.popitem(last=False)
-    return props
+    return rows
 
 
 def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None, hessian: np.ndarray, *,
                          damp: float = DAMP, name: str | None = None) -> np.ndarray:
-    """Bytes of a 2-D tensor (rows, K) as `qtype`, blocks chosen to cancel output error under input covariance
+    """Bytes of a 2-D tensor (rows, K) as `qtype`, codes chosen to cancel output error under input covariance
     `hessian` (K, K). Same shape and dtype as `quants.quantize` returns; float types are not compensated."""
     qtype = quants.parse_type(qtype)
     rows = np.asarray(data, dtype=np.float32)
@@ -82,7 +84,7 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
     if k % bs:
         return quants.quantize(rows, qtype, importance, name=name)  # raises the usual one-line error
     try:
-        props = _propagators(hessian, bs, damp)
+        factor = _factor_rows(hessian, bs, damp)
     except quants.QuantInputError as e:
         raise quants.QuantInputError(f"{what}: {e}") from None
     imp = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)
@@ -92,11 +94,34 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
         cols = []
         for bi, c in enumerate(range(0, k, bs)):
             e = c + bs
-            block = np.ascontiguousarray(w[:, c:e], dtype=np.float32)
-            q = quants.quantize(block, qtype, None if imp is None else imp[c:e], name=name)
-            cols.append(q)
-            if props[bi] is not None:
-                err = w[:, c:e] - quants.dequantize(q, qtype).reshape(block.shape)
-                w[:, e:] -= err @ props[bi]
+            start = np.ascontiguousarray(w[:, c:e], dtype=np.float32)
+            blocks = quants.quantize(start, qtype, None if imp is None else imp[c:e], name=name)
+            codes, err = _walk_block(w[:, c:e], blocks, qtype, factor[bi][:, :bs])
+            cols.append(levels.pack_codes(blocks, codes, qtype))
+            if e < k:
+                w[:, e:] -= err @ factor[bi][:, bs:]
         pieces.append(np.concatenate(cols, axis=1))
     return np.concatenate(pieces, axis=0)
+
+
+def _walk_block(x: np.ndarray, blocks: np.ndarray, qtype, u: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Codes for one block column (rows, bs), weight by weight on the grid ggml's scales fix, and the scaled
+    errors e_i / U_ii that carry to the rest of the row. `x` (float64) is moved in place."""
+    lay = levels.layout(qtype)
+    start = x.copy()
+    codes = levels.unpack_codes(blocks, qtype)
+    scale, offset = levels.grid(blocks, qtype)
+    values = lay.table[lay.allowed]
+    mids = (values[:-1] + values[1:]) / 2
+    err = np.empty_like(x)
+    for i in range(x.shape[1]):
+        xi = x[:, i]
+        moved = (xi != start[:, i]) & (scale[:, i] != 0)  # unmoved weights keep ggml's own rounding
+        if moved.any():
+            t = (xi[moved] + offset[moved, i]) / scale[moved, i]
+            codes[moved, i] = lay.allowed[np.searchsorted(mids, t)]
+        err[:, i] = (xi - (scale[:, i] * lay.table[codes[:, i]] - offset[:, i])) / u[i, i]
+        if i + 1 < x.shape[1]:
+            x[:, i + 1:] -= np.outer(err[:, i], u[i, i + 1:])
+    return codes, err

@@ -117,28 +117,49 @@ def test_compensated_bytes_decode_with_libggml(reference, qtype, hessian):
 
 
 def _reference_gptq(w: np.ndarray, qtype: T, h: np.ndarray, damp: float = qc.DAMP) -> np.ndarray:
-    """Block GPTQ written from the paper, with libggml quantizing each block column of the nudged weights."""
+    """GPTQ as the paper's Algorithm 1 (one column at a time, whole-row updates, no lazy batches): libggml
+    quantizes each block of the nudged weights when the walk reaches it (fixing its scales), and every weight
+    then takes the code whose libggml-decoded value is nearest (ggml's own code while nothing moved it)."""
     from llamacpp.ggml import ggml_dequantize, ggml_quantize
+    from quants import levels
 
-    bs = quants.block_size(qtype)
+    lay = levels.layout(qtype)
+    bs = lay.block
     hd = h + damp * np.mean(np.diag(h)) * np.eye(K)
     u = np.linalg.cholesky(np.linalg.inv(hd)).T
     work = w.astype(np.float64).copy()
     out = []
     for c in range(0, K, bs):
-        e = c + bs
-        q = ggml_quantize(work[:, c:e].astype(np.float32), int(qtype))
-        out.append(q)
-        err = work[:, c:e] - ggml_dequantize(q, int(qtype), bs)
-        work[:, e:] -= err @ np.linalg.inv(u[c:e, c:e]) @ u[c:e, e:]
+        start = work[:, c:c + bs].copy()
+        blocks = ggml_quantize(start.astype(np.float32), int(qtype))
+        codes = levels.unpack_codes(blocks, qtype)
+        # value of every code at every weight, decoded by libggml: (rows, bs, codes)
+        values = np.stack([ggml_dequantize(levels.pack_codes(blocks, np.full(codes.shape, a), qtype), int(qtype), bs)
+                           for a in lay.allowed], axis=-1).astype(np.float64)
+        for i in range(bs):
+            j = c + i
+            moved = work[:, j] != start[:, i]
+            best = lay.allowed[np.abs(values[:, i, :] - work[:, j, None]).argmin(axis=1)]
+            codes[:, i] = np.where(moved, best, codes[:, i])
+            chosen = values[np.arange(len(codes)), i, _index_of(lay.allowed, codes[:, i])]
+            err = (work[:, j] - chosen) / u[j, j]
+            work[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+        out.append(levels.pack_codes(blocks, codes, qtype))
     return np.concatenate(out, axis=1)
 
 
+def _index_of(allowed: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    pos = np.empty(int(allowed.max()) + 1, dtype=np.int64)
+    pos[allowed] = np.arange(len(allowed))
+    return pos[codes]
+
+
 @pytest.mark.reference
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.IQ4_NL], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.IQ4_NL, T.Q6_K], ids=lambda t: t.name)
 def test_matches_reference_gptq_with_libggml_blocks(reference, qtype, hessian):
-    """Every block is what ggml writes for the nudged weights: an independent block-GPTQ over libggml agrees
-    (rows, not bytes: a last-ulp BLAS difference may flip one rounding and change the rest of that row)."""
+    """Every block's scales are what ggml writes for the nudged weights and every code the nearest level: an
+    independent column-by-column GPTQ over libggml agrees (rows, not bytes: a last-ulp BLAS difference may
+    flip one rounding and change the rest of that row)."""
     from llamacpp.ggml import load_libggml
 
     load_libggml(str(reference.libggml_base()))
@@ -146,7 +167,7 @@ def test_matches_reference_gptq_with_libggml_blocks(reference, qtype, hessian):
     ours = quants.quantize(w, qtype, hessian=hessian)
     ref = _reference_gptq(w, qtype, hessian)
     same_rows = (ours == ref).all(axis=1)
-    assert same_rows.mean() >= 0.95, f"{qtype.name}: {int((~same_rows).sum())} of {len(same_rows)} rows differ"
+    assert same_rows.mean() >= 0.9, f"{qtype.name}: {int((~same_rows).sum())} of {len(same_rows)} rows differ"
 
 
 def test_damping_is_used(hessian):

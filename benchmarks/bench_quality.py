@@ -103,7 +103,9 @@ class Bench:
         self.ref = find_reference(a.llama_cpp)
         self.src = find_sources()
         self.env = {"LD_LIBRARY_PATH": f"{self.ref.lib_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-        from measure.db import model_fingerprint
+        from measure.db import model_fingerprint, quantizer_version
+
+        self.encoding = quantizer_version()[:8]  # the quantizers' code: measurements and files from other code differ
 
         self.model_fp = model_fingerprint(self.model)
         self.calib_sha = sha_file(self.calib_text)
@@ -135,7 +137,9 @@ class Bench:
         a = self.a
         if not a.compensate:
             return None
-        k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks, "cov")
+        # keyed by the collecting code too: a change to what is collected (the head's covariance) re-collects
+        k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks, "cov",
+                   sha_file(ROOT / "measure" / "imatrix_compute.py")[:16])
         out = self.dir / f"cov-{k}.safetensors"
 
         def make(tmp: Path) -> None:
@@ -166,7 +170,7 @@ class Bench:
     def measurements(self) -> Path:
         im = self.imatrix()
         h = self.hessian()
-        db = self.dir / (f"measure-{im.stem}.db" if h is None else f"measure-{im.stem}-{h.stem}.db")
+        db = self.dir / (f"measure-{im.stem}{'' if h is None else '-' + h.stem}-q{self.encoding}.db")
         done = db.with_suffix(".done")
         if not done.exists():
             log("python -m measure (round trip of every tensor x type)")
@@ -299,7 +303,8 @@ class Bench:
         tmp_plan = d / f".{plan_name}"
         save_plan(res.plan, tmp_plan)
         h = self.hessian()
-        digest = sha_file(tmp_plan)[:12] + ("" if h is None else f"-{h.stem}")  # other covariance, other bytes
+        # other covariance or other quantizer code, other bytes
+        digest = sha_file(tmp_plan)[:12] + ("" if h is None else f"-{h.stem}") + f"-q{self.encoding}"
         plan_path = d / plan_name
         os.replace(tmp_plan, plan_path)
         out = self.dir / "ours" / f"{mix}-{method}-{digest}.gguf"

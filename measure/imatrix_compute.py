@@ -102,6 +102,7 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
     model.to(dev).eval()
 
     accs: dict[str, _Acc] = {}
+    head_cov: dict[str, _Acc] = {}  # covariance only: llama-imatrix leaves the head out unless asked
     hooks = []
 
     def gguf_name(module_name: str) -> str | None:
@@ -156,6 +157,21 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
             continue  # the converter reshapes this one; importance per GGUF column is not the HF input column
         hooks.append(mod.register_forward_pre_hook(dense_hook(name, int(w.shape[1])), with_kwargs=True))
 
+    if hessian_output is not None:  # the output head's input covariance too (never part of the imatrix itself)
+        head = model.get_output_embeddings()
+        head_name = "output.weight" if "output.weight" in infos else "token_embd.weight"  # tied: token_embd
+        head_w = getattr(head, "weight", None)
+        if (head_w is not None and head_w.ndim == 2 and head_name in infos and head_name not in accs
+                and infos[head_name].shape[-1] == head_w.shape[1]
+                and not (process_output and head_name == "output.weight")):
+            head_cov[head_name] = _Acc(int(head_w.shape[1]), cov=True)
+
+            def head_hook(_mod, args, kwargs, _acc=head_cov[head_name], _n=int(head_w.shape[1])):
+                x = args[0] if args else kwargs.get("input")
+                if isinstance(x, torch.Tensor) and x.shape[-1] == _n:
+                    _acc.add(x)
+            hooks.append(head.register_forward_pre_hook(head_hook, with_kwargs=True))
+
     try:
         with torch.inference_mode():
             for c in range(n_chunk):
@@ -172,7 +188,8 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
     if hessian_output is not None:
         from measure.hessian import save_hessians
 
-        covs = {n: a.cov for n, a in accs.items() if a.cov is not None}
-        save_hessians(hessian_output, covs, {n: int(accs[n].counts[0]) for n in covs})
+        both = {**accs, **head_cov}
+        covs = {n: a.cov for n, a in both.items() if a.cov is not None}
+        save_hessians(hessian_output, covs, {n: int(both[n].counts[0]) for n in covs})
     return save_imatrix_gguf(output, entries, datasets=[dataset_name or str(text)], chunk_count=n_chunk,
                              chunk_size=ctx)

@@ -166,7 +166,7 @@ def test_compute_imatrix_writes_hessians(computed):
     assert imatrix_path.is_file() and hpath.is_file()
     im = load_imatrix(imatrix_path)
     h = load_hessians(hpath)
-    assert h.names() == im.names()  # every dense weight of the tiny llama
+    assert h.names() == sorted(im.names() + ["output.weight"])  # every dense weight, and the head
     assert h.tokens == 2 * 128
     for layer in (0, 1):
         q, k, v = (h.mapping[f"blk.{layer}.attn_{t}.weight"] for t in "qkv")
@@ -174,7 +174,7 @@ def test_compute_imatrix_writes_hessians(computed):
         assert h.mapping[f"blk.{layer}.ffn_gate.weight"] == h.mapping[f"blk.{layer}.ffn_up.weight"]
         assert h.mapping[f"blk.{layer}.attn_output.weight"] != q
         assert h.mapping[f"blk.{layer}.ffn_down.weight"] != h.mapping[f"blk.{layer}.ffn_up.weight"]
-    assert len(set(h.mapping.values())) == 8  # qkv, attn_output, gate/up, down per layer
+    assert len(set(h.mapping.values())) == 9  # qkv, attn_output, gate/up, down per layer; the head
 
     for name in im.names():
         e = im.entries[name]
@@ -194,11 +194,51 @@ def test_compute_imatrix_writes_hessians(computed):
     torch.set_num_threads(1)
     try:
         for name in {key: n for n, key in h.mapping.items()}.values():
-            cov = torch.from_numpy(h.for_tensor(name, im.entries[name].sums.shape[1]).astype(np.float64))
+            cov = torch.from_numpy(h.for_tensor(name, _n_in(h, name)).astype(np.float64))
             eig = torch.linalg.eigvalsh(cov)
             assert eig.min() >= -1e-5 * eig.max(), (name, float(eig.min()), float(eig.max()))
     finally:
         torch.set_num_threads(n_threads)
+
+
+def _n_in(h, name: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(h.path), framework="numpy") as f:
+        return int(f.get_slice(h.mapping[name]).get_shape()[0])
+
+
+def test_head_covariance_matches_the_output_imatrix(computed, tiny_model, calibration_text, tmp_path):
+    """The head's covariance is collected without changing the imatrix (llama-imatrix leaves the head out
+    unless asked); its diagonal is what --process-output would have put in the imatrix."""
+    from measure.imatrix import load_imatrix
+    from measure.imatrix_compute import compute_imatrix
+
+    model, imatrix_path, hpath = computed
+    assert "output.weight" not in load_imatrix(imatrix_path).names()
+    with_head = load_imatrix(compute_imatrix(model, calibration_text, tmp_path / "o.gguf", ctx=128, chunks=2,
+                                             device="cpu", process_output=True))
+    h = load_hessians(hpath)
+    n_in = with_head.entries["output.weight"].sums.shape[1]
+    cov = h.for_tensor("output.weight", n_in).astype(np.float64)
+    np.testing.assert_allclose(np.diag(cov), with_head.importance("output.weight"), rtol=2e-5, atol=1e-8)
+    assert h.mapping["output.weight"] not in {h.mapping[n] for n in with_head.names() if n != "output.weight"}
+
+
+def test_tied_head_covariance_is_filed_under_token_embd(tiny_model, calibration_text, tmp_path):
+    """A tied model has no output.weight in its GGUF: the head's matmul reads token_embd, so its covariance
+    goes there (and the converter compensates the tied tensor for its role as the head)."""
+    from measure.imatrix import load_imatrix
+    from measure.imatrix_compute import compute_imatrix
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    im = compute_imatrix(model, calibration_text, tmp_path / "i.gguf", ctx=128, chunks=2, device="cpu",
+                         hessian_output=tmp_path / "h.safetensors")
+    h = load_hessians(tmp_path / "h.safetensors")
+    assert "output.weight" not in h and "token_embd.weight" in h
+    assert h.names() == sorted(load_imatrix(im).names() + ["token_embd.weight"])
+    hidden = load_imatrix(im).entries["blk.0.attn_q.weight"].sums.shape[1]
+    assert h.for_tensor("token_embd.weight", hidden).shape == (hidden, hidden)
 
 
 def test_computed_hessians_drive_compensation(computed):

@@ -109,19 +109,82 @@ def _walk_block(x: np.ndarray, blocks: np.ndarray, qtype, u: np.ndarray
     """Codes for one block column (rows, bs), weight by weight on the grid ggml's scales fix, and the scaled
     errors e_i / U_ii that carry to the rest of the row. `x` (float64) is moved in place."""
     lay = levels.layout(qtype)
-    start = x.copy()
     codes = levels.unpack_codes(blocks, qtype)
     scale, offset = levels.grid(blocks, qtype)
     values = lay.table[lay.allowed]
     mids = (values[:-1] + values[1:]) / 2
     err = np.empty_like(x)
+    walk = _walk_rows_compiled if USE_NUMBA else _walk_rows
+    walk(x, codes, scale, offset, lay.table, lay.allowed, mids, np.ascontiguousarray(u), err)
+    return codes, err
+
+
+def _walk_rows(x, codes, scale, offset, table, allowed, mids, u, err) -> None:
+    """The walk, vectorised over rows (the numpy reference of the compiled kernel below)."""
+    start = x.copy()
     for i in range(x.shape[1]):
         xi = x[:, i]
         moved = (xi != start[:, i]) & (scale[:, i] != 0)  # unmoved weights keep ggml's own rounding
         if moved.any():
             t = (xi[moved] + offset[moved, i]) / scale[moved, i]
-            codes[moved, i] = lay.allowed[np.searchsorted(mids, t)]
-        err[:, i] = (xi - (scale[:, i] * lay.table[codes[:, i]] - offset[:, i])) / u[i, i]
+            codes[moved, i] = allowed[np.searchsorted(mids, t)]
+        err[:, i] = (xi - (scale[:, i] * table[codes[:, i]] - offset[:, i])) / u[i, i]
         if i + 1 < x.shape[1]:
             x[:, i + 1:] -= np.outer(err[:, i], u[i, i + 1:])
-    return codes, err
+
+
+def _walk_rows_kernel(x, codes, scale, offset, table, allowed, mids, u, err):  # pragma: no cover - compiled
+    n, bs = x.shape
+    start = np.empty(bs)
+    for r in range(n):
+        for i in range(bs):
+            start[i] = x[r, i]
+        for i in range(bs):
+            xi = x[r, i]
+            s = scale[r, i]
+            if xi != start[i] and s != 0.0:
+                codes[r, i] = allowed[np.searchsorted(mids, (xi + offset[r, i]) / s)]
+            e = (xi - (s * table[codes[r, i]] - offset[r, i])) / u[i, i]
+            err[r, i] = e
+            for j in range(i + 1, bs):
+                x[r, j] -= e * u[i, j]
+
+
+def _compile():
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return numba.njit(cache=True, nogil=True, error_model="numpy")(_walk_rows_kernel)
+    except Exception:  # pragma: no cover - e.g. no cache locator on a read-only install
+        return None
+
+
+def _self_check(kernel) -> bool:
+    """The compiled walk gives the numpy walk's codes and errors on a small correlated case, or is not used."""
+    if kernel is None:
+        return False
+    rng = np.random.default_rng(0)
+    lay = levels.layout(quants.parse_type("Q4_0"))
+    x = rng.standard_normal((6, 32))
+    blocks = quants.quantize(x.astype(np.float32), "Q4_0")
+    codes = levels.unpack_codes(blocks, lay.qtype)
+    scale, offset = levels.grid(blocks, lay.qtype)
+    m = rng.standard_normal((32, 32))
+    u = np.linalg.cholesky(np.linalg.inv(m @ m.T / 32 + np.eye(32))).T
+    values = lay.table[lay.allowed]
+    mids = (values[:-1] + values[1:]) / 2
+    outs = []
+    for fn in (_walk_rows, kernel):
+        xc, cc, ec = x.copy(), codes.copy(), np.empty_like(x)
+        try:
+            fn(xc, cc, scale, offset, lay.table, lay.allowed, mids, u, ec)
+        except Exception:  # pragma: no cover
+            return False
+        outs.append((cc, ec))
+    return bool(np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1]))
+
+
+_walk_rows_compiled = _compile()
+USE_NUMBA = _self_check(_walk_rows_compiled)

@@ -112,27 +112,34 @@ def layout(qtype: GGMLQuantizationType) -> Layout:
     return Layout(qtype, lo_byte, lo_shift, lo_bits, hi_byte, hi_shift, hi_bits, table, np.argsort(table, kind="stable"))
 
 
-def _field_matrix(byte: np.ndarray, nbytes: int) -> np.ndarray:
-    m = np.zeros((len(byte), nbytes))
-    m[np.arange(len(byte)), byte] = 1.0
-    return m
+@dataclass(frozen=True)
+class _Field:
+    """One code field grouped by byte: byte[m] holds weights elems[m, :] at shifts[m, :]."""
+
+    bytes: np.ndarray   # (m,)
+    elems: np.ndarray   # (m, per_byte)
+    shifts: np.ndarray  # (m, per_byte), uint8
+
+
+def _group(byte: np.ndarray, shift: np.ndarray) -> _Field:
+    order = np.lexsort((shift, byte))
+    uniq, counts = np.unique(byte, return_counts=True)
+    assert (counts == counts[0]).all(), "every byte of a field holds the same number of codes"
+    k = int(counts[0])
+    return _Field(uniq, order.reshape(-1, k), shift[order].reshape(-1, k).astype(np.uint8))
 
 
 @cache
-def _packers(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(keep-mask of non-level bits per byte, one-hot weight->byte of the low field, of the high field)."""
+def _packers(qtype: GGMLQuantizationType) -> tuple[np.ndarray, _Field, _Field | None]:
+    """(keep-mask of the non-code bits of each byte, the low field, the high field)."""
     lay = layout(qtype)
     keep = np.full(lay.nbytes, 0xFF, dtype=np.uint8)
-    lo_mask = (1 << lay.lo_bits) - 1
-    for b, s in zip(lay.lo_byte, lay.lo_shift):
-        keep[b] &= ~np.uint8((lo_mask << s) & 0xFF)
-    hi = None
-    if lay.hi_byte is not None:
-        hi_mask = (1 << lay.hi_bits) - 1
-        for b, s in zip(lay.hi_byte, lay.hi_shift):
-            keep[b] &= ~np.uint8((hi_mask << s) & 0xFF)
-        hi = _field_matrix(lay.hi_byte, lay.nbytes)
-    return keep, _field_matrix(lay.lo_byte, lay.nbytes), hi
+    for byte, shift, bits in ((lay.lo_byte, lay.lo_shift, lay.lo_bits), (lay.hi_byte, lay.hi_shift, lay.hi_bits)):
+        if byte is not None:
+            for b, sh in zip(byte, shift):
+                keep[b] &= ~np.uint8((((1 << bits) - 1) << sh) & 0xFF)
+    hi = _group(lay.hi_byte, lay.hi_shift) if lay.hi_byte is not None else None
+    return keep, _group(lay.lo_byte, lay.lo_shift), hi
 
 
 def unpack_codes(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -148,13 +155,18 @@ def unpack_codes(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 def pack_codes(blocks: np.ndarray, codes: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Copy of `blocks` (n, block bytes) with every level code replaced by `codes` (n, weights); scales kept."""
     lay = layout(qtype)
-    keep, lo_m, hi_m = _packers(lay.qtype)
-    codes = np.asarray(codes, dtype=np.int64)
-    # fields never overlap, so a sum over the weights sharing a byte is their bitwise or (exact in float64)
-    bits = ((codes & ((1 << lay.lo_bits) - 1)) << lay.lo_shift).astype(np.float64) @ lo_m
-    if hi_m is not None:
-        bits += ((codes >> lay.lo_bits) << lay.hi_shift).astype(np.float64) @ hi_m
-    return (blocks & keep) | bits.astype(np.uint8)
+    keep, lo, hi = _packers(lay.qtype)
+    codes = np.asarray(codes).astype(np.uint8)
+    out = blocks & keep
+    fields = [(lo, codes & np.uint8((1 << lay.lo_bits) - 1))]
+    if hi is not None:
+        fields.append((hi, codes >> np.uint8(lay.lo_bits)))
+    for f, vals in fields:
+        acc = np.zeros((codes.shape[0], len(f.bytes)), dtype=np.uint8)
+        for j in range(f.elems.shape[1]):
+            acc |= vals[:, f.elems[:, j]] << f.shifts[:, j]
+        out[:, f.bytes] |= acc
+    return out
 
 
 def grid(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:

@@ -288,3 +288,14 @@ def test_all_dead_hessian_is_plain():
     w = _weights(rows=8, seed=51)
     np.testing.assert_array_equal(quantize_compensated(w, T.Q4_K, None, np.zeros((K, K))),
                                   quants.quantize(w, T.Q4_K))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_1, T.IQ4_NL, T.Q3_K, T.Q6_K], ids=lambda t: t.name)
+def test_compiled_walk_equals_numpy_walk(qtype, hessian, monkeypatch):
+    if not qc.USE_NUMBA:
+        pytest.skip("numba kernel not in use (numba missing or its self-check failed)")
+    w = _weights(rows=24, seed=31)
+    imp = _importance()
+    fast = quantize_compensated(w, qtype, imp, hessian)
+    monkeypatch.setattr(qc, "USE_NUMBA", False)
+    assert np.array_equal(quantize_compensated(w, qtype, imp, hessian), fast)

@@ -109,11 +109,11 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
         n = tmap.get_name(module_name + ".weight", try_suffixes=(".weight",))
         return n if n in infos else None
 
-    def dense_hook(name: str, n_in: int):
+    def dense_hook(name: str, n_in: int, into: dict[str, _Acc] = accs):
         def hook(_mod, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
             if isinstance(x, torch.Tensor) and x.shape[-1] == n_in:
-                accs.setdefault(name, _Acc(n_in, cov=hessian_output is not None)).add(x)
+                into.setdefault(name, _Acc(n_in, cov=hessian_output is not None)).add(x)
         return hook
 
     def experts_hook(layer: int, mod):
@@ -161,16 +161,11 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
         head = model.get_output_embeddings()
         head_name = "output.weight" if "output.weight" in infos else "token_embd.weight"  # tied: token_embd
         head_w = getattr(head, "weight", None)
-        if (head_w is not None and head_w.ndim == 2 and head_name in infos and head_name not in accs
+        if (head_w is not None and head_w.ndim == 2 and head_name in infos
                 and infos[head_name].shape[-1] == head_w.shape[1]
-                and not (process_output and head_name == "output.weight")):
-            head_cov[head_name] = _Acc(int(head_w.shape[1]), cov=True)
-
-            def head_hook(_mod, args, kwargs, _acc=head_cov[head_name], _n=int(head_w.shape[1])):
-                x = args[0] if args else kwargs.get("input")
-                if isinstance(x, torch.Tensor) and x.shape[-1] == _n:
-                    _acc.add(x)
-            hooks.append(head.register_forward_pre_hook(head_hook, with_kwargs=True))
+                and not (process_output and head_name == "output.weight")):  # else already hooked above
+            hook = dense_hook(head_name, int(head_w.shape[1]), into=head_cov)
+            hooks.append(head.register_forward_pre_hook(hook, with_kwargs=True))
 
     try:
         with torch.inference_mode():

@@ -2,6 +2,7 @@
 
     python -m measure MODEL_DIR [--imatrix F ...] [--combine mean|max|weighted] [--types Q8_0,Q4_K] --db FILE
     python -m measure imatrix MODEL_DIR --text FILE -o imatrix.gguf [--ctx 512] [--chunks N]
+    python -m measure smooth MODEL_DIR --imatrix F -o SMOOTHED_DIR --imatrix-out F2 [--alpha 0.5]
     python -m measure inspect MODEL_DIR [--imatrix F ...]
     python -m measure export --db FILE -o out.csv|out.json
 """
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("imatrix", "inspect", "export")
+SUBCOMMANDS = ("imatrix", "smooth", "inspect", "export")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -21,10 +22,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from measure.hessian import HessianError
     from measure.imatrix import ImatrixError
     from measure.imatrix_compute import ImatrixComputeError
+    from measure.smooth import SmoothError
     from quants import QuantInputError
 
     return (ModelInputError, ImatrixError, DBError, QuantInputError, ImatrixComputeError, HessianError,
-            FileNotFoundError)
+            SmoothError, FileNotFoundError)
 
 
 def _measure(argv: list[str]) -> int:
@@ -75,6 +77,25 @@ def _imatrix(argv: list[str]) -> int:
     out = compute_imatrix(a.model_dir, a.text, a.output, ctx=a.ctx, chunks=a.chunks,
                           process_output=a.process_output, device=a.device, hessian_output=a.hessian)
     print(f"wrote {out}" + (f" and {a.hessian}" if a.hessian else ""))
+    return 0
+
+
+def _smooth(argv: list[str]) -> int:
+    from measure.smooth import DEFAULT_ALPHA, smooth_checkpoint
+
+    p = argparse.ArgumentParser(prog="python -m measure smooth",
+                                description="Exact reparametrisation that makes llama.cpp's 8-bit activation rounding "
+                                            "cheaper (SmoothQuant); later stages read the smoothed checkpoint.")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--imatrix", required=True, type=Path, help="the model's imatrix (GGUF or .dat)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="smoothed checkpoint directory")
+    p.add_argument("--imatrix-out", required=True, type=Path, help="the imatrix rescaled for the smoothed checkpoint")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help="migration strength: 0 leaves activations alone, 1 moves all of their spread into weights")
+    a = p.parse_args(argv)
+    r = smooth_checkpoint(a.model_dir, a.imatrix, a.output, a.imatrix_out, alpha=a.alpha)
+    print(f"wrote {r.out_dir} ({r.sites} matmul inputs smoothed, alpha {r.alpha}"
+          + (f", {len(r.skipped)} without imatrix data left alone" if r.skipped else "") + f") and {r.imatrix_out}")
     return 0
 
 
@@ -129,7 +150,7 @@ def _export(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = {"imatrix": _imatrix, "inspect": _inspect, "export": _export}.get(argv[0] if argv else "", None)
+    cmd = {"imatrix": _imatrix, "smooth": _smooth, "inspect": _inspect, "export": _export}.get(argv[0] if argv else "", None)
     errors = _user_errors()
     try:
         return cmd(argv[1:]) if cmd else _measure(argv)

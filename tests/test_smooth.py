@@ -1,0 +1,162 @@
+"""measure.smooth: the smoothed checkpoint computes the same function, its imatrix is the one the smoothed model
+produces, activation outliers shrink, and llama.cpp runs the converted file with less activation-rounding loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import make_tiny_model
+
+from measure.smooth import SmoothError, smooth_checkpoint, smooth_scales
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTLIERS = {"input_layernorm": (5, 77), "post_attention_layernorm": (9, 200)}
+
+
+def _with_outlier_channels(model: Path) -> Path:
+    """A few input channels 30x larger than the rest, as real LLMs have (what smoothing is for)."""
+    from safetensors.torch import load_file, save_file
+
+    f = model / "model.safetensors"
+    t = load_file(str(f))
+    for name in t:
+        for norm, channels in OUTLIERS.items():
+            if name.endswith(norm + ".weight"):
+                t[name] = t[name].clone()
+                t[name][list(channels)] *= 30
+    save_file(t, str(f), metadata={"format": "pt"})
+    return model
+
+
+@pytest.fixture(scope="module")
+def smoothed(tmp_path_factory, calibration_text):
+    """(original, imatrix, smoothed, its imatrix) for a tiny llama with outlier channels."""
+    from measure.imatrix_compute import compute_imatrix
+
+    d = tmp_path_factory.mktemp("smooth")
+    model = _with_outlier_channels(make_tiny_model("llama", d / "orig"))
+    im = compute_imatrix(model, calibration_text, d / "imatrix.gguf", ctx=64, chunks=8, device="cpu")
+    smooth_checkpoint(model, im, d / "smoothed", d / "smoothed-imatrix.gguf", alpha=0.5)
+    return model, im, d / "smoothed", d / "smoothed-imatrix.gguf"
+
+
+def _logits(model: Path, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return m(input_ids=ids).logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_smoothed_checkpoint_computes_the_same_function(arch, tmp_path, calibration_text):
+    import torch
+
+    from measure.imatrix_compute import compute_imatrix
+
+    model = _with_outlier_channels(make_tiny_model(arch, tmp_path / "m", tie_word_embeddings=arch == "qwen2"))
+    im = compute_imatrix(model, calibration_text, tmp_path / "i.gguf", ctx=64, chunks=2, device="cpu")
+    r = smooth_checkpoint(model, im, tmp_path / "s", tmp_path / "si.gguf")
+    assert r.sites == 3 * 2 and not r.skipped
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    a, b = _logits(model, ids), _logits(tmp_path / "s", ids)
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
+    # and it did change the weights (a no-op would pass the check above)
+    import torch
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "s" / "model.safetensors"))
+    assert w["model.layers.0.input_layernorm.weight"].dtype == torch.float32
+    assert w["model.embed_tokens.weight"].dtype == torch.bfloat16  # untouched tensors keep their dtype
+    norm = w["model.layers.0.input_layernorm.weight"].numpy()
+    assert np.ptp(np.log(np.abs(norm[list(OUTLIERS["input_layernorm"])]))) < 10
+    info = json.loads((tmp_path / "s" / "smoothing.json").read_text())
+    assert info["alpha"] == 0.5 and info["sites"] == 6
+
+
+def test_rescaled_imatrix_is_the_smoothed_models_own(smoothed, calibration_text, tmp_path):
+    from measure.imatrix import load_imatrix
+    from measure.imatrix_compute import compute_imatrix
+
+    _, _, model, im = smoothed
+    own = load_imatrix(compute_imatrix(model, calibration_text, tmp_path / "own.gguf", ctx=64, chunks=8,
+                                       device="cpu"))
+    ours = load_imatrix(im)
+    assert set(own.names()) == set(ours.names())
+    for n in own.names():
+        np.testing.assert_allclose(ours.importance(n), own.importance(n), rtol=2e-3, atol=1e-7, err_msg=n)
+
+
+def test_smoothing_shrinks_the_spread_of_matmul_inputs(smoothed):
+    from measure.imatrix import load_imatrix
+
+    _, im, _, sim = smoothed
+    before, after = load_imatrix(im), load_imatrix(sim)
+    for n in ("blk.0.attn_q.weight", "blk.1.ffn_gate.weight", "blk.0.ffn_down.weight"):
+        spread = [np.ptp(np.log(m.importance(n))) for m in (before, after)]
+        assert spread[1] < 0.75 * spread[0], (n, spread)
+
+
+def test_smooth_scales_balance_and_normalise():
+    s = smooth_scales(np.array([1.0, 100.0, 0.0, 4.0]), np.array([1.0, 1.0, 1.0, 0.25]), alpha=0.5)
+    assert s[2] == 1.0                       # a channel never activated is left alone
+    live = s[[0, 1, 3]]
+    assert np.exp(np.log(live).mean()) == pytest.approx(1.0)
+    assert s[1] / s[0] == pytest.approx(10.0)  # sqrt of the activation ratio
+    assert s[3] / s[0] == pytest.approx(4.0)   # sqrt(4) / sqrt(0.25)
+
+
+def test_llama_cpp_runs_the_smoothed_file_with_less_loss(smoothed, tmp_path, reference, evaluation_text):
+    """Uniform Q8_0 of both checkpoints, KLD against the original's F32 in llama-perplexity: the smoothed file's
+    activation rounding (and weight rounding) costs less."""
+    from llamacpp.upstream import find_sources
+    from verify.llamacpp_engine import LlamaCppEngine
+
+    model, im, smodel, sim = smoothed
+    src = find_sources()
+    env = {"PYTHONPATH": f"{src / 'gguf-py'}:{src}"}
+    base = tmp_path / "base.gguf"
+    subprocess.run([sys.executable, src / "convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", base],
+                   check=True, capture_output=True, env={**os.environ, **env})
+    files = {}
+    for label, m, i in (("original", model, im), ("smoothed", smodel, sim)):
+        files[label] = tmp_path / f"{label}.gguf"
+        p = subprocess.run([sys.executable, ROOT / "convert_hf_to_gguf_strategy.py", m, "--outtype", "q8_0",
+                            "--imatrix", i, "--outfile", files[label]], capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-2000:]
+    eng = LlamaCppEngine(reference.tool("llama-perplexity"), threads=2)
+    raw = tmp_path / "base.kld"
+    eng.run_base(base, evaluation_text, 128, 4, raw)
+    kld = {k: eng.compare(f, raw, 128, text=evaluation_text).kld_mean for k, f in files.items()}
+    assert kld["smoothed"] < 0.8 * kld["original"], kld
+
+
+def test_unsupported_architecture_and_foreign_output_dir_are_one_line_errors(tmp_path, calibration_text):
+    from measure.imatrix_compute import compute_imatrix
+
+    moe = make_tiny_model("mixtral", tmp_path / "moe")
+    im = compute_imatrix(moe, calibration_text, tmp_path / "i.gguf", ctx=64, chunks=1, device="cpu")
+    p = subprocess.run([sys.executable, "-m", "measure", "smooth", moe, "--imatrix", im, "-o", tmp_path / "s",
+                        "--imatrix-out", tmp_path / "si.gguf"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "MixtralForCausalLM is not supported" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+    llama = make_tiny_model("llama", tmp_path / "llama")
+    im = compute_imatrix(llama, calibration_text, tmp_path / "l.gguf", ctx=64, chunks=1, device="cpu")
+    foreign = tmp_path / "taken"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SmoothError, match="not a smoothed checkpoint"):
+        smooth_checkpoint(llama, im, foreign, tmp_path / "x.gguf")
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".taken")] == []
+    with pytest.raises(SmoothError, match="between 0 and 1"):
+        smooth_checkpoint(llama, im, tmp_path / "y", tmp_path / "y.gguf", alpha=1.5)

@@ -191,10 +191,25 @@ def _verify(p: dict[str, Any], ws: Path) -> Command:
     return Command(argv, outputs={"report": _rel(ws, out / "results.json")})
 
 
+def _smooth(p: dict[str, Any], ws: Path) -> Command:
+    """The smoothed checkpoint (docs/smoothing.md) and its imatrix; later jobs take them as model and imatrix."""
+    model = _path(ws, p.get("model"), "model")
+    imatrix = _path(ws, p.get("imatrix"), "imatrix")
+    out = _path(ws, p.get("output") or f"models/{model.name}-smooth", "output")
+    im_out = _path(ws, p.get("imatrix_out") or f"measurements/{out.name}.imatrix.gguf", "imatrix_out")
+    im_out.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py("-m", "measure", "smooth", str(model), "--imatrix", str(imatrix), "-o", str(out),
+               "--imatrix-out", str(im_out))
+    _opt(argv, "--alpha", p.get("alpha"))
+    return Command(argv, outputs={"model": _rel(ws, out), "imatrix": _rel(ws, im_out)})
+
+
 KINDS: dict[str, Kind] = {
     "download": Kind("download", _download, resumable=True, needs_token=True,
                      description="download a Hugging Face repo (only the files conversion needs)"),
     "imatrix": Kind("imatrix", _imatrix, resumable=False, description="importance matrix from calibration text"),
+    "smooth": Kind("smooth", _smooth, resumable=False,
+                   description="exact reparametrisation: cheaper 8-bit activation rounding in llama.cpp"),
     "measure": Kind("measure", _measure, resumable=True, description="per-tensor error for every type"),
     "strategy": Kind("strategy", _strategy, resumable=False, description="choose a type per tensor"),
     "convert": Kind("convert", _convert, resumable=False, description="write the mixed-precision GGUF"),

@@ -287,3 +287,24 @@ def test_kinds_pass_the_covariance_file_to_every_stage(tmp_path):
         argv = KINDS[kind].build(dict(params), ws).argv
         assert argv[argv.index("--hessian") + 1] == str(ws / "measurements" / "m.cov.safetensors"), kind
         assert "--hessian" not in KINDS[kind].build({k: v for k, v in params.items() if k != "hessian"}, ws).argv
+
+
+def test_smooth_job_writes_the_checkpoint_later_jobs_read(tmp_path, tiny_model, calibration_text):
+    """The smooth kind's command runs as is and names the smoothed model and imatrix it wrote."""
+    import subprocess
+
+    from jobs.kinds import KINDS
+    from measure.imatrix_compute import compute_imatrix
+
+    ws = tmp_path
+    model = tiny_model("llama")
+    compute_imatrix(model, calibration_text, ws / "measurements" / "m.imatrix.gguf", ctx=64, chunks=1, device="cpu")
+    cmd = KINDS["smooth"].build({"model": str(model), "imatrix": "measurements/m.imatrix.gguf", "alpha": 0.5}, ws)
+    assert cmd.outputs == {"model": f"models/{model.name}-smooth",
+                           "imatrix": f"measurements/{model.name}-smooth.imatrix.gguf"}
+    p = subprocess.run(cmd.argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (ws / cmd.outputs["model"] / "smoothing.json").is_file()
+    assert (ws / cmd.outputs["imatrix"]).is_file()
+    argv = KINDS["measure"].build({"model": cmd.outputs["model"], "imatrix": cmd.outputs["imatrix"]}, ws).argv
+    assert str(ws / cmd.outputs["model"]) in argv

@@ -13,7 +13,9 @@ tensor that produces the input:
 - down_proj input (silu(gate) * up): rows of up_proj / s, columns of down_proj * s
 
 s_j = rms_j^alpha / max|W_:j|^(1 - alpha), with rms_j from the imatrix (its values are mean x_j^2), normalised
-to a geometric mean of 1. The output head is left alone: its input is also the tied embedding's lookup.
+to a geometric mean of 1. A tied output head is left alone (its
+columns are the embedding's, which the lookup reads too); an untied one is smoothed through the final norm when
+the imatrix covers it (llama-imatrix --process-output).
 alpha 0.5 halved the rounding's KLD (0.0035 -> 0.0018) and lowered a Q5_1-everywhere model's KLD by 7% with
 the imatrix (docs/quality.md). The imatrix is transformed with the model (mean (x/s)^2 = imatrix / s^2), so a
 plan, a measurement db and a converted file of the smoothed checkpoint use the same statistics as the stock
@@ -66,7 +68,8 @@ class SmoothReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def sites_for(n_layer: int) -> list[Site]:
+def sites_for(n_layer: int, untied_head: bool = False) -> list[Site]:
+    """Every smoothable input; the head's only when it has its own weight (else its columns are the embedding's)."""
     out = []
     for i in range(n_layer):
         p, g = f"model.layers.{i}.", f"blk.{i}."
@@ -77,6 +80,8 @@ def sites_for(n_layer: int) -> list[Site]:
                         (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                         (g + "ffn_gate.weight", g + "ffn_up.weight")))
         out.append(Site(i, p + "mlp.up_proj.weight", (p + "mlp.down_proj.weight",), (g + "ffn_down.weight",)))
+    if untied_head:  # llama-imatrix collects output.weight only with --process-output; skipped without
+        out.append(Site(n_layer, "model.norm.weight", ("lm_head.weight",), ("output.weight",)))
     return out
 
 
@@ -147,7 +152,8 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
     entries = dict(im.entries)
     skipped: list[str] = []
     n_sites = 0
-    for site in sites_for(n_layer):
+    untied = not cfg.get("tie_word_embeddings", False) and "lm_head.weight" in tensors.where
+    for site in sites_for(n_layer, untied):
         names = [site.producer, *site.readers]
         missing = [n for n in names if n not in tensors.where]
         if missing:

@@ -8,6 +8,9 @@ What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed b
 2. imatrix: reference `llama-imatrix` on the CALIBRATION text (default ../shared/data/moby-dick.txt).
 3. stock: reference `llama-quantize --imatrix` at Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K; their file sizes are
    the budgets.
+3b. smoothing (--smooth 0.5, default): `python -m measure smooth` writes an exactly equivalent checkpoint whose
+   matmul inputs have smaller outliers (cheaper 8-bit activation rounding in llama.cpp) and the imatrix rescaled
+   to it; every later stage of OUR pipeline reads those two. Stock files and the KLD base use the original.
 4. measurements: `python -m measure MODEL --imatrix I --db F` (every tensor x every type, round trip errors);
    with --compensate (default) also `--hessian C`, the input covariances `python -m measure imatrix --hessian`
    computes from the same calibration text, and the probes and our converter use the same file: our files are
@@ -45,8 +48,8 @@ MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
 METHODS = ("uncal", "ashq1", "cal")        # budget uncalibrated, ASHQ1, budget calibrated
 METHOD_LABEL = {"uncal": "budget (uncalibrated)", "ashq1": "ashq1", "cal": "budget (calibrated)",
                 "stock": "stock llama-quantize"}
-# candidate types for the measurements: F16 is dropped (a BF16 checkpoint is exact in BF16 at the same bytes)
-TYPES = "BF16,Q8_0,Q6_K,Q5_K,Q5_1,Q5_0,Q4_K,Q4_1,Q4_0,IQ4_XS,IQ4_NL,Q3_K,Q2_K"
+# candidate types for the measurements (F16: the smoothed checkpoint's changed tensors are float32, which BF16 rounds)
+TYPES = "BF16,F16,Q8_0,Q6_K,Q5_K,Q5_1,Q5_0,Q4_K,Q4_1,Q4_0,IQ4_XS,IQ4_NL,Q3_K,Q2_K"
 MEAN_RATIO_TARGET = 0.5
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-strategy-bench"
 SHARED = ROOT.parent / "shared" / "data"
@@ -114,6 +117,40 @@ class Bench:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.threads = a.threads
 
+    # 2a. our checkpoint: the original, or its smoothed reparametrisation (measure.smooth) with its imatrix
+    def smoothing_key(self) -> str:
+        from measure import smooth
+
+        return "" if not self.a.smooth else key_of(self.imatrix().stem, self.a.smooth, sha_file(Path(smooth.__file__)))
+
+    def ours(self) -> tuple[Path, Path]:
+        """(checkpoint, imatrix) every stage of our pipeline reads; the stock mixes always use the original."""
+        k = self.smoothing_key()
+        if not k:
+            return self.model, self.imatrix()
+        d = self.dir / f"smooth-{k}"
+        model, im = d / "model", d / f"imatrix-{k}.gguf"
+        if not (model / "smoothing.json").is_file() or not im.is_file():
+            log(f"python -m measure smooth (alpha {self.a.smooth})")
+            res = subprocess.run([sys.executable, "-m", "measure", "smooth", self.model, "--imatrix", self.imatrix(),
+                                  "-o", model, "--imatrix-out", im, "--alpha", str(self.a.smooth)],
+                                 cwd=ROOT, text=True, capture_output=True)
+            if res.returncode != 0:
+                raise SystemExit(f"error: python -m measure smooth failed: {(res.stderr or res.stdout).strip()[-800:]}")
+        return model, im
+
+    def ours_base(self) -> Path:
+        """F32 GGUF of our checkpoint (the probes' reference; the same function as the original's)."""
+        k = self.smoothing_key()
+        if not k:
+            return self.base()
+        model, _ = self.ours()
+
+        def make(tmp: Path) -> None:
+            run([sys.executable, self.src / "convert_hf_to_gguf.py", model, "--outtype", "f32",
+                 "--outfile", tmp], env={"PYTHONPATH": f"{self.src / 'gguf-py'}:{self.src}"})
+        return produce(model.parent / "base-f32.gguf", make, "upstream convert_hf_to_gguf.py --outtype f32 (smoothed)")
+
     # 1. base
     def base(self) -> Path:
         def make(tmp: Path) -> None:
@@ -139,11 +176,11 @@ class Bench:
             return None
         # keyed by the collecting code too: a change to what is collected (the head's covariance) re-collects
         k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks, "cov",
-                   sha_file(ROOT / "measure" / "imatrix_compute.py")[:16])
+                   sha_file(ROOT / "measure" / "imatrix_compute.py")[:16], *filter(None, [self.smoothing_key()]))
         out = self.dir / f"cov-{k}.safetensors"
 
         def make(tmp: Path) -> None:
-            res = subprocess.run([sys.executable, "-m", "measure", "imatrix", self.model, "--text", self.calib_text,
+            res = subprocess.run([sys.executable, "-m", "measure", "imatrix", self.ours()[0], "--text", self.calib_text,
                                   "--ctx", str(a.imatrix_ctx), "--chunks", str(a.imatrix_chunks),
                                   "-o", tmp.with_suffix(".imatrix.gguf"), "--hessian", tmp],
                                  cwd=ROOT, text=True, capture_output=True)
@@ -168,14 +205,14 @@ class Bench:
 
     # 4. measurements
     def measurements(self) -> Path:
-        im = self.imatrix()
+        model, im = self.ours()
         h = self.hessian()
         db = self.dir / (f"measure-{im.stem}{'' if h is None else '-' + h.stem}-q{self.encoding}.db")
         done = db.with_suffix(".done")
         if not done.exists():
             log("python -m measure (round trip of every tensor x type)")
             t0 = time.time()
-            res = subprocess.run([sys.executable, "-m", "measure", self.model, "--imatrix", im, "--db", db,
+            res = subprocess.run([sys.executable, "-m", "measure", model, "--imatrix", im, "--db", db,
                                   "--types", TYPES, "--workers", str(self.threads), "--no-progress",
                                   *self.hessian_args()],
                                  cwd=ROOT, text=True, capture_output=True)
@@ -271,7 +308,7 @@ class Bench:
             from measure.hessian import load_hessians
 
             hessians = load_hessians(self.hessian())
-        session = ProbeSession(self.base(), self.probe_text(), n_ctx=self.a.probe_ctx, n_chunks=self.a.probe_chunks,
+        session = ProbeSession(self.ours_base(), self.probe_text(), n_ctx=self.a.probe_ctx, n_chunks=self.a.probe_chunks,
                                threads=self.threads, verbose=True, emulate_ggml=emulate, hessians=hessians)
         shapes = {n: tuple(w.shape) for n, w in session.originals.items()}
 
@@ -304,15 +341,17 @@ class Bench:
         save_plan(res.plan, tmp_plan)
         h = self.hessian()
         # other covariance or other quantizer code, other bytes
-        digest = sha_file(tmp_plan)[:12] + ("" if h is None else f"-{h.stem}") + f"-q{self.encoding}"
+        digest = (sha_file(tmp_plan)[:12] + ("" if h is None else f"-{h.stem}") + f"-q{self.encoding}"
+                  + (f"-s{self.smoothing_key()}" if self.smoothing_key() else ""))
         plan_path = d / plan_name
         os.replace(tmp_plan, plan_path)
         out = self.dir / "ours" / f"{mix}-{method}-{digest}.gguf"
         out.parent.mkdir(exist_ok=True)
 
         def make(tmp: Path) -> None:
-            run([sys.executable, ROOT / "convert_hf_to_gguf_strategy.py", self.model, "--strategy", plan_path,
-                 "--imatrix", self.imatrix(), *self.hessian_args(), "--outfile", tmp])
+            model, im = self.ours()
+            run([sys.executable, ROOT / "convert_hf_to_gguf_strategy.py", model, "--strategy", plan_path,
+                 "--imatrix", im, *self.hessian_args(), "--outfile", tmp])
         produce(out, make, f"convert {mix} {method} (predicted {res.size} bytes, target {target})")
         actual = out.stat().st_size
         if actual > target:
@@ -348,8 +387,9 @@ class Bench:
         is 3 when stock wins), run with the verify engine on the probe text, never the evaluation text."""
         cal = sorted(self.dir.glob("calibration-*.json"), key=lambda p: p.stat().st_mtime)[-1]
         out = self.dir / "plans" / f"cli-{mix}.yaml"
+        model, im = self.ours()
         res = subprocess.run([sys.executable, "-m", "strategy", "build", "--db", self.measurements(), "--model",
-                              self.model, "--imatrix", self.imatrix(), "--target-size", str(target),
+                              model, "--imatrix", im, "--target-size", str(target),
                               *self.hessian_args(), "--emulate-ggml",
                               "--calibration", cal, "--check-text", self.probe_text(), "--check-chunks",
                               str(self.a.probe_chunks), "-o", out], cwd=ROOT, text=True, capture_output=True)
@@ -440,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                     help="our files use the error-compensated encoding (input covariances from the calibration text; "
                          "measure, probes and converter all get --hessian); --no-compensate: ggml's own encoding")
+    ap.add_argument("--smooth", type=float, default=0.5,
+                    help="our pipeline reads the checkpoint smoothed with this alpha (measure.smooth: an exact "
+                         "reparametrisation that makes llama.cpp's activation rounding cheaper); 0: the original")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=10)
     ap.add_argument("--mixes", default=",".join(MIXES))
@@ -471,13 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     from strategy.problem import build_candidates
     from strategy.sizes import estimate_metadata_bytes
 
+    ours_model, im = b.ours()  # the imatrix of the checkpoint our pipeline reads (rescaled when smoothed)
     db = b.measurements()
     meas = load_measurements(db)
-    metas = load_metas(b.model)
+    metas = load_metas(ours_model)
     facts = imatrix_facts(load_imatrix(im), metas)
     cons = Constraints()
     cons.no_imatrix |= facts.no_imatrix
-    kv = estimate_metadata_bytes(b.model)
+    kv = estimate_metadata_bytes(ours_model)
     cands = build_candidates(meas, metas, metadata_bytes=kv, importance=facts.importance)
     # the calibration the allocator reports (first) plus the others whose plans are also candidates for selection
     cals = [b.calibration(cands, im, steps, emulate) for steps, emulate in calibration_settings(a)]

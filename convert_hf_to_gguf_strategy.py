@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -47,21 +46,6 @@ FLOAT_OUTTYPES = ("f32", "f16", "bf16", "auto")
 STRATEGY_DIGEST_KEY = "quantize.strategy.sha256"
 STRATEGY_FILE_KEY = "quantize.strategy.file"
 COMPENSATED_KEY = "quantize.strategy.covariance_file"  # set when blocks were error-compensated (--hessian)
-SMOOTHED_KEY = "quantize.strategy.smoothing"  # set when the checkpoint is `measure smooth`'s (docs/smoothing.md)
-
-
-def _smoothing_note(model_dir: Path) -> str | None:
-    """'smoothquant alpha=0.5, 90 inputs' for a checkpoint `python -m measure smooth` wrote, else None."""
-    from measure.smooth import INFO_FILE
-
-    f = model_dir / INFO_FILE
-    if not f.is_file():
-        return None
-    try:
-        info = json.loads(f.read_text())
-        return f"{info['method']} alpha={info['alpha']}, {info['sites']} inputs"[:127]
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class UserError(Exception):
@@ -696,9 +680,6 @@ def _main(argv: list[str]) -> int:
         except HessianError as e:
             raise UserError(str(e)) from None
         extra_kv[COMPENSATED_KEY] = args.hessian.name[:127]
-    smoothing = _smoothing_note(model_dir)
-    if smoothing:
-        extra_kv[SMOOTHED_KEY] = smoothing
     prefetcher = Prefetcher(max(1, args.threads))
     sink = ConvertSink(policy=policy, imatrix=imatrix, validate=validate, prefetcher=prefetcher, hessians=hessians)
     cfg = RunConfig(sink=sink, extra_kv=extra_kv)

@@ -95,11 +95,12 @@ def run(cmd: list[str], env: dict | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------ stages
 class Bench:
-    def __init__(self, a: argparse.Namespace):
+    def __init__(self, a: argparse.Namespace, smooth: float = 0.0):
         from llamacpp.reference import find_reference
         from llamacpp.upstream import find_sources
 
         self.a = a
+        self.smooth = smooth  # alpha of measure.smooth for our pipeline; 0: the original checkpoint
         self.model = Path(a.model).expanduser()
         self.calib_text = Path(a.calibration_text)
         self.eval_text = Path(a.evaluation_text)
@@ -121,7 +122,7 @@ class Bench:
     def smoothing_key(self) -> str:
         from measure import smooth
 
-        return "" if not self.a.smooth else key_of(self.imatrix().stem, self.a.smooth, sha_file(Path(smooth.__file__)))
+        return "" if not self.smooth else key_of(self.imatrix().stem, self.smooth, sha_file(Path(smooth.__file__)))
 
     def ours(self) -> tuple[Path, Path]:
         """(checkpoint, imatrix) every stage of our pipeline reads; the stock mixes always use the original."""
@@ -131,9 +132,9 @@ class Bench:
         d = self.dir / f"smooth-{k}"
         model, im = d / "model", d / f"imatrix-{k}.gguf"
         if not (model / "smoothing.json").is_file() or not im.is_file():
-            log(f"python -m measure smooth (alpha {self.a.smooth})")
+            log(f"python -m measure smooth (alpha {self.smooth})")
             res = subprocess.run([sys.executable, "-m", "measure", "smooth", self.model, "--imatrix", self.imatrix(),
-                                  "-o", model, "--imatrix-out", im, "--alpha", str(self.a.smooth)],
+                                  "-o", model, "--imatrix-out", im, "--alpha", str(self.smooth)],
                                  cwd=ROOT, text=True, capture_output=True)
             if res.returncode != 0:
                 raise SystemExit(f"error: python -m measure smooth failed: {(res.stderr or res.stdout).strip()[-800:]}")
@@ -327,7 +328,7 @@ class Bench:
         from strategy.build import build
         from strategy.plan import save_plan
 
-        plan_name = f"plan-{mix}-{method}.yaml"
+        plan_name = self.plan_name(mix, method)
         kw = dict(constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
                   importance=ctx["facts"].importance, groups=ctx["facts"].groups or None, plan_file_name=plan_name)
         if method == "cal":
@@ -365,6 +366,8 @@ class Bench:
         from strategy.build import build, stock_choice
         from strategy.select import choose_plan
 
+        if mix in ctx.get("selected", {}):
+            return ctx["selected"][mix]
         results = {}
         for n, cal in enumerate(ctx["cals"]):
             tag = cal.report.get("probe_steps", str(n))
@@ -379,8 +382,25 @@ class Bench:
                                                               **kw),
                                   refine_rounds=self.a.refine_rounds, log=log)
         ctx.setdefault("selection", {})[mix] = record
+        ctx.setdefault("selected", {})[mix] = res
         log(f"  {mix}: chose {record['chosen']}")
         return res
+
+    def plan_name(self, mix: str, method: str) -> str:
+        """Also the name the GGUF records (its length is part of the byte budget): the same for every checkpoint;
+        the per-size choice between checkpoints converts the chosen one's plan last, so plans/ holds it."""
+        return f"plan-{mix}-{method}.yaml"
+
+    def probe_kld_of_selected(self, mix: str, target: int, ctx: dict) -> float:
+        """Probe KLD (held-out calibration text) of the calibrated plan this checkpoint gives at `target`."""
+        kw = dict(constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
+                  importance=ctx["facts"].importance, groups=ctx["facts"].groups or None,
+                  plan_file_name=self.plan_name(mix, "cal"))
+        self.select_plan(mix, target, ctx, kw)
+        rec = ctx["selection"][mix]
+        if rec.get("refine"):
+            return float(rec["refine"]["end"])
+        return float(next(t["kld"] for t in rec["trials"] if t["label"] == rec["chosen"]))
 
     def cli_check(self, mix: str, target: int) -> str:
         """`python -m strategy build` with --check-text: the CLI's own plan-vs-stock-like verdict (its exit code
@@ -429,6 +449,28 @@ class Bench:
         os.replace(tmp, out)
         log(f"  KLD {gguf.name}: mean {d['kld_mean']:.5f}  p99.9 {d['kld_p999']:.4f}  ({d['seconds']:.0f}s)")
         return d
+
+
+def pipeline(b: Bench, a: argparse.Namespace) -> dict:
+    """Our pipeline on b's checkpoint up to the calibration: what every plan of it needs."""
+    from measure.imatrix import load_imatrix
+    from strategy.build import imatrix_facts, load_measurements, load_metas
+    from strategy.constraints import Constraints
+    from strategy.problem import build_candidates
+    from strategy.sizes import estimate_metadata_bytes
+
+    ours_model, im = b.ours()  # the imatrix of the checkpoint our pipeline reads (rescaled when smoothed)
+    meas = load_measurements(b.measurements())
+    metas = load_metas(ours_model)
+    facts = imatrix_facts(load_imatrix(im), metas)
+    cons = Constraints()
+    cons.no_imatrix |= facts.no_imatrix
+    kv = estimate_metadata_bytes(ours_model)
+    cands = build_candidates(meas, metas, metadata_bytes=kv, importance=facts.importance)
+    # the calibration the allocator reports (first) plus the others whose plans are also candidates for selection
+    cals = [b.calibration(cands, im, steps, emulate) for steps, emulate in calibration_settings(a)]
+    return {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cals[0], "cals": cals,
+            "probe": b.selection_probe(im)}
 
 
 def _assign_key(assign: dict[str, str]) -> str:
@@ -480,9 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                     help="our files use the error-compensated encoding (input covariances from the calibration text; "
                          "measure, probes and converter all get --hessian); --no-compensate: ggml's own encoding")
-    ap.add_argument("--smooth", type=float, default=0.5,
-                    help="our pipeline reads the checkpoint smoothed with this alpha (measure.smooth: an exact "
-                         "reparametrisation that makes llama.cpp's activation rounding cheaper); 0: the original")
+    ap.add_argument("--smooth", default="0.5,0",
+                    help="comma-separated alphas of measure.smooth (an exact reparametrisation that makes llama.cpp's "
+                         "activation rounding cheaper; 0: the original checkpoint); each is a full pipeline, and per "
+                         "size the one whose calibrated plan has the lower probe KLD is written")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=10)
     ap.add_argument("--mixes", default=",".join(MIXES))
@@ -501,53 +544,55 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     mixes = [m.strip().upper() for m in a.mixes.split(",") if m.strip()]
+    try:
+        alphas = [float(x) for x in a.smooth.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --smooth {a.smooth!r}: write alphas such as 0.5 or 0.5,0") from None
     t_start = time.time()
-    b = Bench(a)
+    benches = [Bench(a, smooth=x) for x in alphas or [0.0]]
+    b = benches[0]
     b.base()
-    im = b.imatrix()
+    b.imatrix()
     stock = {m: b.stock(m) for m in mixes}
     b.kld_base()
-
-    from measure.imatrix import load_imatrix
-    from strategy.build import imatrix_facts, load_measurements, load_metas
-    from strategy.constraints import Constraints
-    from strategy.problem import build_candidates
-    from strategy.sizes import estimate_metadata_bytes
-
-    ours_model, im = b.ours()  # the imatrix of the checkpoint our pipeline reads (rescaled when smoothed)
-    db = b.measurements()
-    meas = load_measurements(db)
-    metas = load_metas(ours_model)
-    facts = imatrix_facts(load_imatrix(im), metas)
-    cons = Constraints()
-    cons.no_imatrix |= facts.no_imatrix
-    kv = estimate_metadata_bytes(ours_model)
-    cands = build_candidates(meas, metas, metadata_bytes=kv, importance=facts.importance)
-    # the calibration the allocator reports (first) plus the others whose plans are also candidates for selection
-    cals = [b.calibration(cands, im, steps, emulate) for steps, emulate in calibration_settings(a)]
-    cal = cals[0]
-    ctx = {"meas": meas, "metas": metas, "facts": facts, "cons": cons, "kv": kv, "cal": cal, "cals": cals,
-           "probe": b.selection_probe(im)}
-    n_params = sum(m.n_params for m in metas)
+    ctxs = [pipeline(x, a) for x in benches]
+    n_params = sum(m.n_params for m in ctxs[0]["metas"])
 
     rows: list[dict] = []
     base_info = json.loads(Path(str(b.kld_base()) + ".json").read_text())
+    chosen: dict[str, float] = {}
     for mix in mixes:
         target = stock[mix].stat().st_size
+        # the checkpoint (original or smoothed) is chosen per size like the plan: by the probe KLD of each one's
+        # calibrated plan on the held-out calibration text, never the evaluation text
+        best = 0
+        if len(benches) > 1:
+            probe_kld = [x.probe_kld_of_selected(mix, target, c) for x, c in zip(benches, ctxs)]
+            best = min(range(len(benches)), key=lambda i: probe_kld[i])
+            log(f"  {mix}: checkpoint by probe: " + ", ".join(
+                f"smooth {x.smooth:g} {k:.5f}" for x, k in zip(benches, probe_kld)) + f" -> smooth {benches[best].smooth:g}")
+        chosen[mix] = benches[best].smooth
         files = {"stock": stock[mix]}
         for method in METHODS:
-            files[method] = b.plan_and_convert(mix, method, target, ctx)
+            files[method] = benches[best].plan_and_convert(mix, method, target, ctxs[best])
         for method, f in files.items():
             k = b.kld(f)
             size, bpw = gguf_stats(f, n_params)
-            rows.append({"mix": mix, "method": method, "file": str(f), "size": size, "bpw": bpw, **k})
-
+            rows.append({"mix": mix, "method": method, "file": str(f), "size": size, "bpw": bpw,
+                         "smooth": None if method == "stock" else chosen[mix], **k})
+    b, ctx = benches[0], ctxs[0]
+    cal = ctx["cal"]
     check = b.cli_check(a.check_mix, stock[a.check_mix].stat().st_size) if a.check_mix in mixes else None
     ok = report(rows, mixes, base_info, cal, a, time.time() - t_start)
-    if ctx.get("selection"):
-        print(f"\nplan selection by probe ({a.probe_chunks} x {a.probe_ctx} tokens of the calibration text's held-out "
-              f"part; the lowest probe KLD is the calibrated plan):")
-        for mix, sel in ctx["selection"].items():
+    if len(benches) > 1:
+        print("\ncheckpoint per size (smoothing alpha, chosen by probe KLD): "
+              + ", ".join(f"{m} {chosen[m]:g}" for m in mixes))
+    for x, c in zip(benches, ctxs):
+        if not c.get("selection"):
+            continue
+        print(f"\nplan selection by probe, smooth {x.smooth:g} ({a.probe_chunks} x {a.probe_ctx} tokens of the "
+              f"calibration text's held-out part; the lowest probe KLD is the calibrated plan):")
+        for mix, sel in c["selection"].items():
             print(f"  {mix:8s} " + ", ".join(f"{t['label']} {t['kld']:.5f}" + (" *" if t["label"] == sel["chosen"] else "")
                                           for t in sel["trials"]))
             if sel.get("refine"):
@@ -557,8 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n`python -m strategy build` end-to-end check at the {a.check_mix} size "
               f"({a.probe_chunks} chunks of the calibration text):\n  {check}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "selection": ctx.get("selection"),
-                                            "pass": ok}, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "checkpoint": chosen,
+                                            "selection": {f"{x.smooth:g}": c.get("selection") for x, c in
+                                                          zip(benches, ctxs)}, "pass": ok}, indent=1))
     return 0 if ok else 1
 
 

@@ -122,7 +122,7 @@ class Bench:
     def smoothing_key(self) -> str:
         from measure import smooth
 
-        return "" if not self.smooth else key_of(self.imatrix().stem, self.smooth, sha_file(Path(smooth.__file__)))
+        return "" if not self.smooth else key_of(self.imatrix().stem, self.smooth, "smooth", smooth.FORMAT)
 
     def ours(self) -> tuple[Path, Path]:
         """(checkpoint, imatrix) every stage of our pipeline reads; the stock mixes always use the original."""

@@ -41,6 +41,7 @@ from measure.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix_gg
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_ALPHA = 0.5
+FORMAT = 1  # bump when the transform's output changes (caches of smoothed checkpoints are keyed by it)
 INFO_FILE = "smoothing.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -125,7 +126,10 @@ class _Tensors:
 
 def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, out_dir: str | os.PathLike,
                       imatrix_out: str | os.PathLike, *, alpha: float = DEFAULT_ALPHA) -> SmoothReport:
-    """Write the smoothed checkpoint to `out_dir` (whole, or not at all) and the matching imatrix."""
+    """Write the smoothed checkpoint to `out_dir` (whole, or not at all) and the matching imatrix.
+
+    The changed tensors are held in memory as float32 until written (about 4 bytes per parameter of the
+    attention and FFN matrices): fine for the models this has been run on, not yet streamed for 70B ones."""
     import torch
     from safetensors.torch import save_file
 
@@ -163,7 +167,7 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
             skipped.append(site.producer)
             continue
         importance = im.entries[key].values().astype(np.float64)
-        readers = [new.get(n, tensors.get(n)).float() for n in site.readers]
+        readers = [(new[n] if n in new else tensors.get(n)).float() for n in site.readers]
         if any(r.shape[1] != importance.size for r in readers):
             raise SmoothError(f"{imatrix}: entry {key} has {importance.size} values but {site.readers[0]} has "
                               f"{readers[0].shape[1]} columns; the imatrix is for another model")
@@ -172,7 +176,7 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         st = torch.from_numpy(s)
         for n, r in zip(site.readers, readers):
             new[n] = (r.double() * st[None, :]).float()
-        prod = new.get(site.producer, tensors.get(site.producer)).double()
+        prod = (new[site.producer] if site.producer in new else tensors.get(site.producer)).double()
         new[site.producer] = (prod / st[:, None] if prod.ndim == 2 else prod / st).float()
         for n in site.imatrix_names:
             e = entries.get(n)

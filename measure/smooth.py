@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 DEFAULT_ALPHA = 0.5
 FORMAT = 1  # bump when the transform's output changes (caches of smoothed checkpoints are keyed by it)
 INFO_FILE = "smoothing.json"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class SmoothError(ValueError):
@@ -54,7 +52,6 @@ class SmoothError(ValueError):
 class Site:
     """One matmul input: the tensor producing it (scaled down) and the tensors reading it (scaled up)."""
 
-    layer: int
     producer: str               # HF name: a norm weight (1-D) or up_proj (rows are the channels)
     readers: tuple[str, ...]    # HF names of weights whose columns are the channels
     imatrix_names: tuple[str, ...]  # GGUF names of the readers (imatrix keys)
@@ -74,15 +71,15 @@ def sites_for(n_layer: int, untied_head: bool = False) -> list[Site]:
     out = []
     for i in range(n_layer):
         p, g = f"model.layers.{i}.", f"blk.{i}."
-        out.append(Site(i, p + "input_layernorm.weight",
+        out.append(Site(p + "input_layernorm.weight",
                         tuple(p + f"self_attn.{k}_proj.weight" for k in "qkv"),
                         tuple(g + f"attn_{k}.weight" for k in "qkv")))
-        out.append(Site(i, p + "post_attention_layernorm.weight",
+        out.append(Site(p + "post_attention_layernorm.weight",
                         (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                         (g + "ffn_gate.weight", g + "ffn_up.weight")))
-        out.append(Site(i, p + "mlp.up_proj.weight", (p + "mlp.down_proj.weight",), (g + "ffn_down.weight",)))
+        out.append(Site(p + "mlp.up_proj.weight", (p + "mlp.down_proj.weight",), (g + "ffn_down.weight",)))
     if untied_head:  # llama-imatrix collects output.weight only with --process-output; skipped without
-        out.append(Site(n_layer, "model.norm.weight", ("lm_head.weight",), ("output.weight",)))
+        out.append(Site("model.norm.weight", ("lm_head.weight",), ("output.weight",)))
     return out
 
 
@@ -100,7 +97,7 @@ def smooth_scales(rms: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> n
 
 
 class _Tensors:
-    """The checkpoint's tensors by name, read lazily from its safetensors files (torch: BF16 has no numpy dtype)."""
+    """The checkpoint's tensors by name, from its safetensors files kept open (torch: BF16 has no numpy dtype)."""
 
     def __init__(self, model_dir: Path):
         from safetensors import safe_open
@@ -108,20 +105,11 @@ class _Tensors:
         self.files = sorted(model_dir.glob("*.safetensors"))
         if not self.files:
             raise SmoothError(f"{model_dir}: no *.safetensors files; smoothing reads safetensors checkpoints")
-        self.where: dict[str, Path] = {}
-        for f in self.files:
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self.where[k] = f
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
-                raise SmoothError(f"{f}: not a readable safetensors file ({e}); re-download it") from None
+        self._open = {f: safe_open(str(f), framework="pt") for f in self.files}  # headers checked by the caller
+        self.where = {k: f for f, h in self._open.items() for k in h.keys()}
 
     def get(self, name: str):
-        from safetensors import safe_open
-
-        with safe_open(str(self.where[name]), framework="pt") as h:
-            return h.get_tensor(name)
+        return self._open[self.where[name]].get_tensor(name)
 
 
 def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, out_dir: str | os.PathLike,
@@ -136,10 +124,15 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
     model_dir, out_dir, imatrix_out = Path(model_dir), Path(out_dir), Path(imatrix_out)
     if not 0.0 < alpha < 1.0:
         raise SmoothError(f"--alpha {alpha}: use a value between 0 and 1 (0.5 is SmoothQuant's balance)")
+    from catalog.hook import check_model_dir
+
+    check_model_dir(model_dir)  # a directory with config.json and readable, complete safetensors (one-line errors)
     cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise SmoothError(f"{model_dir}: no config.json; pass a Hugging Face checkpoint directory")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        n_layer = int(cfg["num_hidden_layers"])
+    except (ValueError, KeyError, TypeError):
+        raise SmoothError(f"{cfg_path}: not a readable model config (no num_hidden_layers); re-download it") from None
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED:
         raise SmoothError(f"{cfg_path}: architecture {arch} is not supported by smoothing (dense llama-style "
@@ -150,7 +143,6 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         raise SmoothError(f"{out_dir}: exists and is not a smoothed checkpoint; choose another -o")
     im: Imatrix = load_imatrix(imatrix)
     tensors = _Tensors(model_dir)
-    n_layer = int(cfg["num_hidden_layers"])
 
     new: dict[str, torch.Tensor] = {}
     entries = dict(im.entries)
@@ -206,7 +198,7 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
             names = [n for n, w in tensors.where.items() if w == f]
             save_file({n: (new[n] if n in new else tensors.get(n)).contiguous() for n in names}, str(tmp / f.name),
                       metadata={"format": "pt"})
-        for f in tmp.iterdir():
+        for f in tmp.iterdir():  # safetensors writes 0600 and mkdtemp makes 0700: as any file the user writes
             os.chmod(f, 0o666 & ~umask)
         (tmp / INFO_FILE).write_text(json.dumps({
             "method": "smoothquant", "alpha": alpha, "source": str(model_dir), "imatrix": str(imatrix),

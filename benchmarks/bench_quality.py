@@ -329,8 +329,7 @@ class Bench:
         from strategy.plan import save_plan
 
         plan_name = self.plan_name(mix, method)
-        kw = dict(constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
-                  importance=ctx["facts"].importance, groups=ctx["facts"].groups or None, plan_file_name=plan_name)
+        kw = self.build_kw(mix, method, ctx)
         if method == "cal":
             res = self.select_plan(mix, target, ctx, kw)
         else:
@@ -391,12 +390,15 @@ class Bench:
         the per-size choice between checkpoints converts the chosen one's plan last, so plans/ holds it."""
         return f"plan-{mix}-{method}.yaml"
 
+    def build_kw(self, mix: str, method: str, ctx: dict) -> dict:
+        """strategy.build.build's keyword arguments shared by every plan of this pipeline."""
+        return dict(constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
+                    importance=ctx["facts"].importance, groups=ctx["facts"].groups or None,
+                    plan_file_name=self.plan_name(mix, method))
+
     def probe_kld_of_selected(self, mix: str, target: int, ctx: dict) -> float:
         """Probe KLD (held-out calibration text) of the calibrated plan this checkpoint gives at `target`."""
-        kw = dict(constraints=ctx["cons"], metadata_bytes=ctx["kv"], model={"name": self.model.name},
-                  importance=ctx["facts"].importance, groups=ctx["facts"].groups or None,
-                  plan_file_name=self.plan_name(mix, "cal"))
-        self.select_plan(mix, target, ctx, kw)
+        self.select_plan(mix, target, ctx, self.build_kw(mix, "cal", ctx))
         rec = ctx["selection"][mix]
         if rec.get("refine"):
             return float(rec["refine"]["end"])

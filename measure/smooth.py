@@ -22,7 +22,8 @@ plan, a measurement db and a converted file of the smoothed checkpoint use the s
 mixes of the original, rescaled.
 
 The smoothed checkpoint is a normal HF directory: every later stage (imatrix, covariances, measure, strategy,
-convert) reads it unchanged. Changed tensors are stored as float32 (a BF16 copy would round them).
+convert) reads it unchanged. Changed tensors are stored as float32 (a BF16 copy would round them). Tensors are
+read and written one at a time, so a 70B checkpoint smooths in a few GB of memory.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def smooth_scales(rms: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> n
     return np.clip(s, 1e-3, 1e3)
 
 
-class _Tensors:
-    """The checkpoint's tensors by name, from its safetensors files kept open (torch: BF16 has no numpy dtype)."""
+class _Checkpoint:
+    """The checkpoint's safetensors files, read one tensor at a time (a 70B checkpoint never fits in memory)."""
 
     def __init__(self, model_dir: Path):
         from safetensors import safe_open
@@ -107,19 +108,58 @@ class _Tensors:
             raise SmoothError(f"{model_dir}: no *.safetensors files; smoothing reads safetensors checkpoints")
         self._open = {f: safe_open(str(f), framework="pt") for f in self.files}  # headers checked by the caller
         self.where = {k: f for f, h in self._open.items() for k in h.keys()}
+        self.headers = {f: _read_header(f) for f in self.files}
 
     def get(self, name: str):
+        """As torch (BF16 has no numpy dtype)."""
         return self._open[self.where[name]].get_tensor(name)
+
+    def raw(self, name: str) -> bytes:
+        """The stored bytes, unchanged (copying a tensor that smoothing leaves alone)."""
+        f = self.where[name]
+        data_start, entries = self.headers[f]
+        b, e = entries[name]["data_offsets"]
+        with open(f, "rb") as fh:
+            fh.seek(data_start + b)
+            return fh.read(e - b)
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, {name: header entry}) of a safetensors file."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _write_safetensors(path: Path, items: list[tuple[str, str, list[int], int]], produce) -> None:
+    """A safetensors file written tensor by tensor: `items` (name, dtype, shape, nbytes) fix the header up front,
+    `produce(name)` returns each tensor's bytes in turn, so only one tensor is in memory at a time."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in items:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for name, _, _, nbytes in items:
+            data = produce(name)
+            if len(data) != nbytes:  # pragma: no cover - an internal inconsistency, not a user error
+                raise AssertionError(f"{name}: {len(data)} bytes, header says {nbytes}")
+            fh.write(data)
 
 
 def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, out_dir: str | os.PathLike,
                       imatrix_out: str | os.PathLike, *, alpha: float = DEFAULT_ALPHA) -> SmoothReport:
     """Write the smoothed checkpoint to `out_dir` (whole, or not at all) and the matching imatrix.
 
-    The changed tensors are held in memory as float32 until written (about 4 bytes per parameter of the
-    attention and FFN matrices): fine for the models this has been run on, not yet streamed for 70B ones."""
+    Two passes over the tensors, one at a time: the scales (column maxima of the readers), then each output file
+    streamed tensor by tensor. Peak memory is about one tensor in float64, whatever the model's size."""
     import torch
-    from safetensors.torch import save_file
 
     model_dir, out_dir, imatrix_out = Path(model_dir), Path(out_dir), Path(imatrix_out)
     if not 0.0 < alpha < 1.0:
@@ -142,16 +182,18 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
     if out_dir.exists() and not (out_dir / INFO_FILE).is_file():
         raise SmoothError(f"{out_dir}: exists and is not a smoothed checkpoint; choose another -o")
     im: Imatrix = load_imatrix(imatrix)
-    tensors = _Tensors(model_dir)
+    ckpt = _Checkpoint(model_dir)
 
-    new: dict[str, torch.Tensor] = {}
+    # pass 1: every site's scales, from the original tensors (no site reads a tensor another site changed)
+    columns: dict[str, np.ndarray] = {}   # reader -> multiplier of its columns
+    divisors: dict[str, np.ndarray] = {}  # producer -> divisor of its rows (or of a 1-D norm weight)
     entries = dict(im.entries)
     skipped: list[str] = []
     n_sites = 0
-    untied = not cfg.get("tie_word_embeddings", False) and "lm_head.weight" in tensors.where
+    untied = not cfg.get("tie_word_embeddings", False) and "lm_head.weight" in ckpt.where
     for site in sites_for(n_layer, untied):
         names = [site.producer, *site.readers]
-        missing = [n for n in names if n not in tensors.where]
+        missing = [n for n in names if n not in ckpt.where]
         if missing:
             raise SmoothError(f"{model_dir}: tensor {missing[0]} not found; is this a {arch} checkpoint?")
         key = next((n for n in site.imatrix_names if n in im.entries), None)
@@ -159,17 +201,18 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
             skipped.append(site.producer)
             continue
         importance = im.entries[key].values().astype(np.float64)
-        readers = [(new[n] if n in new else tensors.get(n)).float() for n in site.readers]
-        if any(r.shape[1] != importance.size for r in readers):
-            raise SmoothError(f"{imatrix}: entry {key} has {importance.size} values but {site.readers[0]} has "
-                              f"{readers[0].shape[1]} columns; the imatrix is for another model")
-        wmax = torch.stack([r.abs().amax(dim=0) for r in readers]).amax(dim=0).double().numpy()
+        wmax = None
+        for n in site.readers:
+            r = ckpt.get(n).float()
+            if r.shape[1] != importance.size:
+                raise SmoothError(f"{imatrix}: entry {key} has {importance.size} values but {n} has "
+                                  f"{r.shape[1]} columns; the imatrix is for another model")
+            m = r.abs().amax(dim=0).double().numpy()
+            wmax = m if wmax is None else np.maximum(wmax, m)
         s = smooth_scales(np.sqrt(importance), wmax, alpha)
-        st = torch.from_numpy(s)
-        for n, r in zip(site.readers, readers):
-            new[n] = (r.double() * st[None, :]).float()
-        prod = (new[site.producer] if site.producer in new else tensors.get(site.producer)).double()
-        new[site.producer] = (prod / st[:, None] if prod.ndim == 2 else prod / st).float()
+        for n in site.readers:
+            columns[n] = s
+        divisors[site.producer] = s
         for n in site.imatrix_names:
             e = entries.get(n)
             if e is not None and e.counts.size == 1 and e.sums.size == s.size:
@@ -179,6 +222,17 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
     if n_sites == 0:
         raise SmoothError(f"{imatrix}: no entry for any attention or FFN input of this model; pass the model's "
                           f"imatrix (python -m measure imatrix or llama-imatrix)")
+
+    def smoothed_bytes(name: str) -> bytes:
+        if name not in columns and name not in divisors:
+            return ckpt.raw(name)
+        t = ckpt.get(name).float()
+        if name in columns:  # columns first, then rows, each rounded to float32 (up_proj takes both)
+            t = (t.double() * torch.from_numpy(columns[name])[None, :]).float()
+        if name in divisors:
+            d = torch.from_numpy(divisors[name])
+            t = (t.double() / d[:, None] if t.ndim == 2 else t.double() / d).float()
+        return t.contiguous().numpy().tobytes()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -194,11 +248,14 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
             idx = json.loads(index.read_text())
             idx.get("metadata", {}).pop("total_size", None)
             index.write_text(json.dumps(idx, indent=2))
-        for f in tensors.files:
-            names = [n for n, w in tensors.where.items() if w == f]
-            save_file({n: (new[n] if n in new else tensors.get(n)).contiguous() for n in names}, str(tmp / f.name),
-                      metadata={"format": "pt"})
-        for f in tmp.iterdir():  # safetensors writes 0600 and mkdtemp makes 0700: as any file the user writes
+        for f in ckpt.files:  # changed tensors become float32 (a BF16 copy would round them)
+            items = []
+            for n, e in ckpt.headers[f][1].items():
+                changed = n in columns or n in divisors
+                nbytes = 4 * int(np.prod(e["shape"])) if changed else e["data_offsets"][1] - e["data_offsets"][0]
+                items.append((n, "F32" if changed else e["dtype"], e["shape"], nbytes))
+            _write_safetensors(tmp / f.name, sorted(items), smoothed_bytes)
+        for f in tmp.iterdir():  # mkdtemp makes 0700: as any file the user writes
             os.chmod(f, 0o666 & ~umask)
         (tmp / INFO_FILE).write_text(json.dumps({
             "method": "smoothquant", "alpha": alpha, "source": str(model_dir), "imatrix": str(imatrix),

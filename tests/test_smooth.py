@@ -89,6 +89,49 @@ def test_smoothed_checkpoint_computes_the_same_function(arch, tmp_path, calibrat
     assert info["alpha"] == 0.5 and info["sites"] == r.sites
 
 
+def _shard(model: Path, out: Path) -> Path:
+    """The same checkpoint as two safetensors files and an index (as every large hub checkpoint ships)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    (out / "model.safetensors").unlink()
+    t = load_file(str(model / "model.safetensors"))
+    names = sorted(t)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, ns in parts.items():
+        save_file({n: t[n] for n in ns}, str(out / f), metadata={"format": "pt"})
+    weight_map = {n: f for f, ns in parts.items() for n in ns}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def test_sharded_checkpoint_smooths_file_by_file_to_the_same_tensors(smoothed, tmp_path):
+    """Each input file is rewritten tensor by tensor (so a 70B checkpoint never sits in memory): a sharded copy
+    gives the same tensors, bit for bit, under the same file names and index, and transformers loads it."""
+    import torch
+    from safetensors.torch import load_file
+
+    model, im, whole, _ = smoothed
+    sharded = _shard(model, tmp_path / "sharded")
+    smooth_checkpoint(sharded, im, tmp_path / "s", tmp_path / "si.gguf", alpha=0.5)
+    files = sorted(p.name for p in (tmp_path / "s").glob("*.safetensors"))
+    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())["weight_map"]
+    ref = load_file(str(whole / "model.safetensors"))
+    got = {}
+    for f in files:
+        part = load_file(str(tmp_path / "s" / f))
+        assert all(weight_map[n] == f for n in part)
+        got.update(part)
+    assert sorted(got) == sorted(ref)
+    for n in ref:
+        assert got[n].dtype == ref[n].dtype and torch.equal(got[n], ref[n]), n
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(_logits(tmp_path / "s", ids), _logits(whole, ids))
+
+
 def test_rescaled_imatrix_is_the_smoothed_models_own(smoothed, calibration_text, tmp_path):
     from measure.imatrix import load_imatrix
     from measure.imatrix_compute import compute_imatrix

@@ -637,6 +637,12 @@ def _main(argv: list[str]) -> int:
     extra_kv: dict[str, Any] = {}
     if args.imatrix:
         imatrix = _load_imatrix(args.imatrix)
+        from measure.smooth import SmoothError, check_imatrix_pairing
+
+        try:
+            check_imatrix_pairing(model_dir, imatrix, args.imatrix[0])
+        except SmoothError as e:
+            raise UserError(str(e)) from None
         extra_kv.update(_imatrix_kv(imatrix, args.imatrix))
 
     def validate(infos: list[Any]) -> None:

@@ -159,7 +159,10 @@ def _run(model_dir: Path, db_path, pool, n_workers: int, imatrix_paths, combine:
     quant = [i for i in infos if i.quantizable and (tensors is None or i.name in set(tensors))]
     imat = load_imatrix(list(imatrix_paths), combine) if imatrix_paths else None
     if imat is not None:
+        from measure.smooth import check_imatrix_pairing
+
         imat.check_model([(i.name, i.shape) for i in infos if i.quantizable])
+        check_imatrix_pairing(model_dir, imat, imatrix_paths[0])
     hess = None
     if hessian_path is not None:
         from measure.hessian import load_hessians

@@ -259,7 +259,8 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
             os.chmod(f, 0o666 & ~umask)
         (tmp / INFO_FILE).write_text(json.dumps({
             "method": "smoothquant", "alpha": alpha, "source": str(model_dir), "imatrix": str(imatrix),
-            "imatrix_out": str(imatrix_out), "sites": n_sites, "skipped": skipped}, indent=1))
+            "imatrix_out": str(imatrix_out), "sites": n_sites, "skipped": skipped,
+            "imatrix_check": _pairing_record(im, entries)}, indent=1))
         save_imatrix_gguf(imatrix_out, Imatrix(entries, datasets=list(im.datasets), chunk_count=im.chunk_count,
                                                chunk_size=im.chunk_size))
         if out_dir.exists():  # a previous smoothed checkpoint (checked above): replaced
@@ -269,3 +270,39 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SmoothReport(out_dir, imatrix_out, alpha, n_sites, skipped)
+
+
+def _entry_total(im: Imatrix | dict, name: str) -> float | None:
+    entries = im.entries if isinstance(im, Imatrix) else im
+    e = entries.get(name)
+    return None if e is None else float(np.asarray(e.values(), dtype=np.float64).sum())
+
+
+def _pairing_record(original: Imatrix, smoothed: dict[str, ImatrixEntry]) -> dict | None:
+    """One imatrix entry's total before and after rescaling: enough to tell the two files apart later."""
+    for name in sorted(original.entries):
+        a, b = _entry_total(original, name), _entry_total(smoothed, name)
+        if a is not None and b is not None and abs(a - b) > 1e-3 * max(abs(a), abs(b)):
+            return {"entry": name, "original": a, "smoothed": b}
+    return None
+
+
+def check_imatrix_pairing(model_dir: str | os.PathLike, imatrix: Imatrix, imatrix_path: str | os.PathLike) -> None:
+    """Raise SmoothError when `model_dir` is a smoothed checkpoint and `imatrix` is the original's: its statistics
+    are off by s^2 per channel, so measurements, plans and the converted file would weight the wrong channels.
+    A no-op for an ordinary checkpoint or an imatrix computed afresh on the smoothed one."""
+    info_path = Path(model_dir) / INFO_FILE
+    if not info_path.is_file():
+        return
+    try:
+        rec = json.loads(info_path.read_text()).get("imatrix_check")
+        name, orig, smoothed = rec["entry"], float(rec["original"]), float(rec["smoothed"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return  # written before the record existed, or hand-edited: nothing to compare against
+    total = _entry_total(imatrix, name)
+    if total is None:
+        return
+    if abs(total - orig) <= 1e-5 * abs(orig) and abs(total - smoothed) > 1e-5 * abs(smoothed):
+        raise SmoothError(f"{imatrix_path}: is the imatrix of the checkpoint before smoothing, but {model_dir} is "
+                          f"smoothed; pass the --imatrix-out file `measure smooth` wrote with it, or compute a new "
+                          f"imatrix on {model_dir}")

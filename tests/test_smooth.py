@@ -238,3 +238,26 @@ def test_truncated_checkpoint_and_bad_config_are_one_line_errors(tmp_path, calib
     p = run(broken)
     assert p.returncode == 2 and "config.json: not a readable model config" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_original_imatrix_with_smoothed_checkpoint_is_a_one_line_error(smoothed, tmp_path):
+    """The original's imatrix weights the wrong channels of a smoothed checkpoint (off by s^2 each): measuring or
+    converting with it is refused, naming the file to pass; the rescaled one is accepted."""
+    _, im, model, sim = smoothed
+
+    def measure(imatrix: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "measure", model, "--imatrix", imatrix, "--types", "q8_0",
+                               "--db", tmp_path / f"{imatrix.stem}.db", "--workers", "1", "--no-progress"],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    p = measure(im)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "imatrix of the checkpoint before smoothing" in p.stderr and str(im) in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert measure(sim).returncode == 0
+
+    out = tmp_path / "o.gguf"
+    p = subprocess.run([sys.executable, str(ROOT / "convert_hf_to_gguf_strategy.py"), model, "--imatrix", im,
+                        "--outtype", "q8_0", "--outfile", out], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0 and "before smoothing" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()

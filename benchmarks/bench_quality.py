@@ -95,12 +95,14 @@ def run(cmd: list[str], env: dict | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------ stages
 class Bench:
-    def __init__(self, a: argparse.Namespace, smooth: float = 0.0):
+    def __init__(self, a: argparse.Namespace, smooth: float = 0.0, order: bool = False):
         from llamacpp.reference import find_reference
         from llamacpp.upstream import find_sources
 
         self.a = a
         self.smooth = smooth  # alpha of measure.smooth for our pipeline; 0: the original checkpoint
+        self.order = order    # also reorder the hidden channels (measure.permute), from the calibration text
+        self.label = f"{smooth:g}" + ("p" if order else "")
         self.model = Path(a.model).expanduser()
         self.calib_text = Path(a.calibration_text)
         self.eval_text = Path(a.evaluation_text)
@@ -122,7 +124,12 @@ class Bench:
     def smoothing_key(self) -> str:
         from measure import smooth
 
-        return "" if not self.smooth else key_of(self.imatrix().stem, self.smooth, "smooth", smooth.FORMAT)
+        if not self.smooth:
+            return ""
+        from measure import permute
+
+        extra = ("order", permute.FORMAT, self.calib_sha, self.a.order_chunks) if self.order else ()
+        return key_of(self.imatrix().stem, self.smooth, "smooth", smooth.FORMAT, *extra)
 
     def ours(self) -> tuple[Path, Path]:
         """(checkpoint, imatrix) every stage of our pipeline reads; the stock mixes always use the original."""
@@ -132,9 +139,11 @@ class Bench:
         d = self.dir / f"smooth-{k}"
         model, im = d / "model", d / f"imatrix-{k}.gguf"
         if not (model / "smoothing.json").is_file() or not im.is_file():
-            log(f"python -m measure smooth (alpha {self.smooth})")
+            log(f"python -m measure smooth (alpha {self.smooth}{', channel order' if self.order else ''})")
+            order = (["--order-text", self.calib_text, "--order-chunks", str(self.a.order_chunks), "--device", "cpu"]
+                     if self.order else [])
             res = subprocess.run([sys.executable, "-m", "measure", "smooth", self.model, "--imatrix", self.imatrix(),
-                                  "-o", model, "--imatrix-out", im, "--alpha", str(self.smooth)],
+                                  "-o", model, "--imatrix-out", im, "--alpha", str(self.smooth), *order],
                                  cwd=ROOT, text=True, capture_output=True)
             if res.returncode != 0:
                 raise SystemExit(f"error: python -m measure smooth failed: {(res.stderr or res.stdout).strip()[-800:]}")
@@ -524,10 +533,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                     help="our files use the error-compensated encoding (input covariances from the calibration text; "
                          "measure, probes and converter all get --hessian); --no-compensate: ggml's own encoding")
-    ap.add_argument("--smooth", default="0.5,0",
+    ap.add_argument("--smooth", default="0.5p,0.5,0",
                     help="comma-separated alphas of measure.smooth (an exact reparametrisation that makes llama.cpp's "
-                         "activation rounding cheaper; 0: the original checkpoint); each is a full pipeline, and per "
-                         "size the one whose calibrated plan has the lower probe KLD is written")
+                         "activation rounding cheaper; 0: the original checkpoint; a trailing p also reorders the "
+                         "hidden channels, measure.permute); each is a full pipeline, and per size the one whose "
+                         "calibrated plan has the lower probe KLD is written")
+    ap.add_argument("--order-chunks", type=int, default=6,
+                    help="chunks of 512 calibration tokens behind the hidden-channel order of a '0.5p' checkpoint")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="run each checkpoint's pipeline up to its plan selection (all cached) and stop; a later run "
+                         "with more checkpoints reuses it")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=40,
                     help="evaluation chunks of --eval-ctx tokens; 10 chunks (2,550 scored tokens) flipped the Q6_K "
@@ -549,17 +564,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mixes = [m.strip().upper() for m in a.mixes.split(",") if m.strip()]
     try:
-        alphas = [float(x) for x in a.smooth.split(",") if x.strip()]
+        specs = [(float(x.strip().removesuffix("p")), x.strip().endswith("p")) for x in a.smooth.split(",")
+                 if x.strip()]
     except ValueError:
-        raise SystemExit(f"error: --smooth {a.smooth!r}: write alphas such as 0.5 or 0.5,0") from None
+        raise SystemExit(f"error: --smooth {a.smooth!r}: write alphas such as 0.5 or 0.5p,0.5,0") from None
     t_start = time.time()
-    benches = [Bench(a, smooth=x) for x in alphas or [0.0]]
+    benches = [Bench(a, smooth=x, order=o and x > 0) for x, o in specs or [(0.0, False)]]
     b = benches[0]
     b.base()
     b.imatrix()
     stock = {m: b.stock(m) for m in mixes}
     b.kld_base()
     ctxs = [pipeline(x, a) for x in benches]
+    if a.prepare_only:
+        log("prepared (measurements, calibration, plan selection cached); no file written or evaluated")
+        return 0
     n_params = sum(m.n_params for m in ctxs[0]["metas"])
 
     rows: list[dict] = []
@@ -574,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             probe_kld = [x.probe_kld_of_selected(mix, target, c) for x, c in zip(benches, ctxs)]
             best = min(range(len(benches)), key=lambda i: probe_kld[i])
             log(f"  {mix}: checkpoint by probe: " + ", ".join(
-                f"smooth {x.smooth:g} {k:.5f}" for x, k in zip(benches, probe_kld)) + f" -> smooth {benches[best].smooth:g}")
-        chosen[mix] = benches[best].smooth
+                f"smooth {x.label} {k:.5f}" for x, k in zip(benches, probe_kld)) + f" -> smooth {benches[best].label}")
+        chosen[mix] = benches[best].label
         files = {"stock": stock[mix]}
         for method in METHODS:
             files[method] = benches[best].plan_and_convert(mix, method, target, ctxs[best])
@@ -590,11 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = report(rows, mixes, base_info, cal, a, time.time() - t_start)
     if len(benches) > 1:
         print("\ncheckpoint per size (smoothing alpha, chosen by probe KLD): "
-              + ", ".join(f"{m} {chosen[m]:g}" for m in mixes))
+              + ", ".join(f"{m} {chosen[m]}" for m in mixes))
     for x, c in zip(benches, ctxs):
         if not c.get("selection"):
             continue
-        print(f"\nplan selection by probe, smooth {x.smooth:g} ({a.probe_chunks} x {a.probe_ctx} tokens of the "
+        print(f"\nplan selection by probe, smooth {x.label} ({a.probe_chunks} x {a.probe_ctx} tokens of the "
               f"calibration text's held-out part; the lowest probe KLD is the calibrated plan):")
         for mix, sel in c["selection"].items():
             print(f"  {mix:8s} " + ", ".join(f"{t['label']} {t['kld']:.5f}" + (" *" if t["label"] == sel["chosen"] else "")
@@ -607,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({a.probe_chunks} chunks of the calibration text):\n  {check}")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.report, "checkpoint": chosen,
-                                            "selection": {f"{x.smooth:g}": c.get("selection") for x, c in
+                                            "selection": {x.label: c.get("selection") for x, c in
                                                           zip(benches, ctxs)}, "pass": ok}, indent=1))
     return 0 if ok else 1
 

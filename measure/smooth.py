@@ -154,11 +154,15 @@ def _write_safetensors(path: Path, items: list[tuple[str, str, list[int], int]],
 
 
 def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, out_dir: str | os.PathLike,
-                      imatrix_out: str | os.PathLike, *, alpha: float = DEFAULT_ALPHA) -> SmoothReport:
+                      imatrix_out: str | os.PathLike, *, alpha: float = DEFAULT_ALPHA,
+                      order: np.ndarray | None = None) -> SmoothReport:
     """Write the smoothed checkpoint to `out_dir` (whole, or not at all) and the matching imatrix.
 
     Two passes over the tensors, one at a time: the scales (column maxima of the readers), then each output file
-    streamed tensor by tensor. Peak memory is about one tensor in float64, whatever the model's size."""
+    streamed tensor by tensor. Peak memory is about one tensor in float64, whatever the model's size.
+
+    `order` (new position -> old channel, `measure.permute.choose_order`) also permutes the hidden channels,
+    after smoothing; it changes no product either."""
     import torch
 
     model_dir, out_dir, imatrix_out = Path(model_dir), Path(out_dir), Path(imatrix_out)
@@ -223,16 +227,34 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         raise SmoothError(f"{imatrix}: no entry for any attention or FFN input of this model; pass the model's "
                           f"imatrix (python -m measure imatrix or llama-imatrix)")
 
+    hidden_cols, hidden_rows = _hidden_tensors(n_layer, ckpt.where)
+    perm = None
+    if order is not None:
+        order = np.asarray(order, dtype=np.int64)
+        k = ckpt.get("model.norm.weight").shape[0]
+        if order.shape != (k,) or not np.array_equal(np.sort(order), np.arange(k)):
+            raise SmoothError(f"channel order: not a permutation of the {k} hidden channels of {model_dir}")
+        perm = torch.from_numpy(order)
+        for n in _IMATRIX_HIDDEN:
+            for i in range(n_layer):
+                _permute_entry(entries, f"blk.{i}.{n}", order)
+        _permute_entry(entries, "output.weight", order)
+
     def smoothed_bytes(name: str) -> bytes:
-        if name not in columns and name not in divisors:
+        moved = perm is not None and (name in hidden_cols or name in hidden_rows)
+        if name not in columns and name not in divisors and not moved:
             return ckpt.raw(name)
-        t = ckpt.get(name).float()
+        t = ckpt.get(name)
+        if name in columns or name in divisors:
+            t = t.float()
         if name in columns:  # columns first, then rows, each rounded to float32 (up_proj takes both)
             t = (t.double() * torch.from_numpy(columns[name])[None, :]).float()
         if name in divisors:
             d = torch.from_numpy(divisors[name])
             t = (t.double() / d[:, None] if t.ndim == 2 else t.double() / d).float()
-        return t.contiguous().numpy().tobytes()
+        if moved:  # exact in any dtype: a permuted tensor that smoothing left alone keeps its dtype
+            t = t[:, perm] if name in hidden_cols else t[perm]
+        return t.contiguous().view(torch.uint8).numpy().tobytes()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -260,7 +282,8 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         (tmp / INFO_FILE).write_text(json.dumps({
             "method": "smoothquant", "alpha": alpha, "source": str(model_dir), "imatrix": str(imatrix),
             "imatrix_out": str(imatrix_out), "sites": n_sites, "skipped": skipped,
-            "imatrix_check": _pairing_record(im, entries)}, indent=1))
+            "imatrix_check": _pairing_record(im, entries),
+            "channel_order": None if order is None else [int(x) for x in order]}, indent=1))
         save_imatrix_gguf(imatrix_out, Imatrix(entries, datasets=list(im.datasets), chunk_count=im.chunk_count,
                                                chunk_size=im.chunk_size))
         if out_dir.exists():  # a previous smoothed checkpoint (checked above): replaced
@@ -270,6 +293,30 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SmoothReport(out_dir, imatrix_out, alpha, n_sites, skipped)
+
+
+_IMATRIX_HIDDEN = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight", "ffn_up.weight")
+
+
+def _hidden_tensors(n_layer: int, present) -> tuple[set[str], set[str]]:
+    """HF names whose columns are hidden channels, and those whose rows (or values, 1-D) are."""
+    cols = {"model.embed_tokens.weight", "lm_head.weight"}
+    rows = {"model.norm.weight"}
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        cols.update(p + f"self_attn.{k}_proj.weight" for k in "qkv")
+        cols.update(p + f"mlp.{k}_proj.weight" for k in ("gate", "up"))
+        rows.update(p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                    "self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight",
+                                    "mlp.down_proj.bias"))
+    return cols & set(present), rows & set(present)
+
+
+def _permute_entry(entries: dict[str, ImatrixEntry], name: str, order: np.ndarray) -> None:
+    e = entries.get(name)
+    if e is not None and e.counts.size == 1 and e.sums.size == order.size:
+        entries[name] = ImatrixEntry(e.sums.reshape(-1)[order].reshape(e.sums.shape), e.counts.copy(),
+                                     legacy=e.legacy)
 
 
 def _entry_total(im: Imatrix | dict, name: str) -> float | None:

@@ -261,3 +261,76 @@ def test_original_imatrix_with_smoothed_checkpoint_is_a_one_line_error(smoothed,
                         "--outtype", "q8_0", "--outfile", out], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode != 0 and "before smoothing" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_reordered_hidden_channels_compute_the_same_function(arch, tmp_path, calibration_text):
+    """Smoothing plus a permutation of the hidden channels (embedding and head columns, norms, o/down rows) keeps
+    the logits, also with a tied head; the imatrix is permuted with the model; tensors smoothing leaves alone
+    keep their dtype when only permuted."""
+    import torch
+    from safetensors.torch import load_file
+
+    from measure.imatrix import load_imatrix
+    from measure.imatrix_compute import compute_imatrix
+
+    tied = arch == "qwen2"
+    model = _with_outlier_channels(make_tiny_model(arch, tmp_path / "m", tie_word_embeddings=tied))
+    im = compute_imatrix(model, calibration_text, tmp_path / "i.gguf", ctx=64, chunks=2, device="cpu",
+                         process_output=arch == "llama")
+    order = np.random.default_rng(3).permutation(256)
+    smooth_checkpoint(model, im, tmp_path / "s", tmp_path / "si.gguf", order=order)
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    a, b = _logits(model, ids), _logits(tmp_path / "s", ids)
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
+    before = load_file(str(model / "model.safetensors"))
+    after = load_file(str(tmp_path / "s" / "model.safetensors"))
+    emb = "model.embed_tokens.weight"
+    assert after[emb].dtype == torch.bfloat16 and torch.equal(after[emb], before[emb][:, order])
+    assert json.loads((tmp_path / "s" / "smoothing.json").read_text())["channel_order"] == order.tolist()
+    # the permuted, rescaled imatrix is still the new checkpoint's own
+    own = load_imatrix(compute_imatrix(tmp_path / "s", calibration_text, tmp_path / "own.gguf", ctx=64, chunks=2,
+                                       device="cpu", process_output=arch == "llama"))
+    ours = load_imatrix(tmp_path / "si.gguf")
+    for n in own.names():
+        np.testing.assert_allclose(ours.importance(n), own.importance(n), rtol=2e-3, atol=1e-7, err_msg=n)
+    with pytest.raises(SmoothError, match="not a permutation"):
+        smooth_checkpoint(model, im, tmp_path / "s2", tmp_path / "s2.gguf", order=np.zeros(256, dtype=int))
+
+
+def test_channel_order_puts_large_head_inputs_together_and_lowers_the_modelled_cost():
+    """Synthetic statistics: four channels 20x the rest, one per block. The chosen order gathers them into one
+    block (the other blocks' scales shrink), the modelled cost falls, and the same seed gives the same order."""
+    from measure.permute import HeadStats, choose_order, order_cost
+
+    rng = np.random.default_rng(0)
+    k, t, v = 128, 512, 300
+    x = rng.standard_normal((t, k))
+    big = [5, 40, 70, 100]
+    x[:, big] *= 20
+    stats = HeadStats(inputs_sq=x * x, sensitivity=np.full(k, 0.01), row_weight=np.full(v, 1.0 / v),
+                      head=rng.standard_normal((v, k)).astype(np.float32) * 0.02)
+    order = choose_order(stats, swaps_per_channel=100)
+    assert sorted(order.tolist()) == list(range(k))
+    blocks = {int(np.where(order == c)[0][0]) // 32 for c in big}
+    assert len(blocks) == 1, blocks
+    assert order_cost(stats, order) < 0.8 * order_cost(stats, np.arange(k))  # the weight term barely moves
+    np.testing.assert_array_equal(order, choose_order(stats, swaps_per_channel=100))
+
+
+def test_cli_orders_channels_from_a_calibration_text(smoothed, tmp_path, calibration_text):
+    model, im, _, _ = smoothed
+    p = subprocess.run([sys.executable, "-m", "measure", "smooth", model, "--imatrix", im, "-o", tmp_path / "s",
+                        "--imatrix-out", tmp_path / "si.gguf", "--order-text", calibration_text, "--order-chunks",
+                        "2", "--order-ctx", "64", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "channel order: modelled head loss" in p.stdout and "hidden channels reordered" in p.stdout
+    order = json.loads((tmp_path / "s" / "smoothing.json").read_text())["channel_order"]
+    assert sorted(order) == list(range(256))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    p = subprocess.run([sys.executable, "-m", "measure", "smooth", model, "--imatrix", im, "-o", tmp_path / "t",
+                        "--imatrix-out", tmp_path / "ti.gguf", "--order-text", short, "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "fewer than one chunk" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()

@@ -201,6 +201,8 @@ def _smooth(p: dict[str, Any], ws: Path) -> Command:
     argv = _py("-m", "measure", "smooth", str(model), "--imatrix", str(imatrix), "-o", str(out),
                "--imatrix-out", str(im_out))
     _opt(argv, "--alpha", p.get("alpha"))
+    if p.get("order_text"):  # also reorder the hidden channels, statistics from this calibration text
+        _opt(argv, "--order-text", _path(ws, p["order_text"], "order_text"))
     return Command(argv, outputs={"model": _rel(ws, out), "imatrix": _rel(ws, im_out)})
 
 

@@ -299,12 +299,14 @@ def test_smooth_job_writes_the_checkpoint_later_jobs_read(tmp_path, tiny_model, 
     ws = tmp_path
     model = tiny_model("llama")
     compute_imatrix(model, calibration_text, ws / "measurements" / "m.imatrix.gguf", ctx=64, chunks=1, device="cpu")
-    cmd = KINDS["smooth"].build({"model": str(model), "imatrix": "measurements/m.imatrix.gguf", "alpha": 0.5}, ws)
+    cmd = KINDS["smooth"].build({"model": str(model), "imatrix": "measurements/m.imatrix.gguf", "alpha": 0.5,
+                                 "order_text": str(calibration_text)}, ws)
+    assert cmd.argv[cmd.argv.index("--order-text") + 1] == str(calibration_text)
     assert cmd.outputs == {"model": f"models/{model.name}-smooth",
                            "imatrix": f"measurements/{model.name}-smooth.imatrix.gguf"}
     p = subprocess.run(cmd.argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert (ws / cmd.outputs["model"] / "smoothing.json").is_file()
+    assert json.loads((ws / cmd.outputs["model"] / "smoothing.json").read_text())["channel_order"] is not None
     assert (ws / cmd.outputs["imatrix"]).is_file()
     argv = KINDS["measure"].build({"model": cmd.outputs["model"], "imatrix": cmd.outputs["imatrix"]}, ws).argv
     assert str(ws / cmd.outputs["model"]) in argv

@@ -105,6 +105,9 @@ def _smooth(argv: list[str]) -> int:
         import numpy as np
 
         from measure.permute import choose_order, collect_head_stats, order_cost
+        from measure.smooth import check_smoothable
+
+        check_smoothable(a.model_dir, a.output, a.alpha)  # user errors before the forward pass
 
         stats = collect_head_stats(a.model_dir, a.order_text, ctx=a.order_ctx, chunks=a.order_chunks,
                                    device=a.device)

@@ -153,19 +153,10 @@ def _write_safetensors(path: Path, items: list[tuple[str, str, list[int], int]],
             fh.write(data)
 
 
-def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, out_dir: str | os.PathLike,
-                      imatrix_out: str | os.PathLike, *, alpha: float = DEFAULT_ALPHA,
-                      order: np.ndarray | None = None) -> SmoothReport:
-    """Write the smoothed checkpoint to `out_dir` (whole, or not at all) and the matching imatrix.
-
-    Two passes over the tensors, one at a time: the scales (column maxima of the readers), then each output file
-    streamed tensor by tensor. Peak memory is about one tensor in float64, whatever the model's size.
-
-    `order` (new position -> old channel, `measure.permute.choose_order`) also permutes the hidden channels,
-    after smoothing; it changes no product either."""
-    import torch
-
-    model_dir, out_dir, imatrix_out = Path(model_dir), Path(out_dir), Path(imatrix_out)
+def check_smoothable(model_dir: Path, out_dir: Path, alpha: float) -> tuple[dict, int, str]:
+    """(config, n_layer, architecture) after every check that needs no tensor read: run first, so a user error
+    ends in one line before any long work (the channel order's forward pass included)."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not 0.0 < alpha < 1.0:
         raise SmoothError(f"--alpha {alpha}: use a value between 0 and 1 (0.5 is SmoothQuant's balance)")
     from catalog.hook import check_model_dir
@@ -185,6 +176,23 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         raise SmoothError(f"{out_dir}: the output directory must differ from the checkpoint")
     if out_dir.exists() and not (out_dir / INFO_FILE).is_file():
         raise SmoothError(f"{out_dir}: exists and is not a smoothed checkpoint; choose another -o")
+    return cfg, n_layer, arch
+
+
+def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, out_dir: str | os.PathLike,
+                      imatrix_out: str | os.PathLike, *, alpha: float = DEFAULT_ALPHA,
+                      order: np.ndarray | None = None) -> SmoothReport:
+    """Write the smoothed checkpoint to `out_dir` (whole, or not at all) and the matching imatrix.
+
+    Two passes over the tensors, one at a time: the scales (column maxima of the readers), then each output file
+    streamed tensor by tensor. Peak memory is about one tensor in float64, whatever the model's size.
+
+    `order` (new position -> old channel, `measure.permute.choose_order`) also permutes the hidden channels,
+    after smoothing; it changes no product either."""
+    import torch
+
+    model_dir, out_dir, imatrix_out = Path(model_dir), Path(out_dir), Path(imatrix_out)
+    cfg, n_layer, arch = check_smoothable(model_dir, out_dir, alpha)
     im: Imatrix = load_imatrix(imatrix)
     ckpt = _Checkpoint(model_dir)
 

@@ -199,6 +199,11 @@ def test_unsupported_architecture_and_foreign_output_dir_are_one_line_errors(tmp
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "MixtralForCausalLM is not supported" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+    p = subprocess.run([sys.executable, "-m", "measure", "smooth", moe, "--imatrix", im, "-o", tmp_path / "s",
+                        "--imatrix-out", tmp_path / "si.gguf", "--order-text", calibration_text, "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "MixtralForCausalLM is not supported" in p.stderr, p.stderr[-500:]
+    assert len(p.stderr.strip().splitlines()) == 1
 
     llama = make_tiny_model("llama", tmp_path / "llama")
     im = compute_imatrix(llama, calibration_text, tmp_path / "l.gguf", ctx=64, chunks=1, device="cpu")

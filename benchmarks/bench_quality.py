@@ -507,7 +507,8 @@ def calibration_settings(a: argparse.Namespace) -> list[tuple[str, bool]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (also read by benchmarks/kld_breakdown.py, which probes the same plans)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=os.environ.get("SMOLLM2_DIR") or str(
         Path.home() / ".cache" / "real-models" / "smollm2-bf16"))
@@ -552,7 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-mix", default="Q4_K_M",
                     help="size at which to run `python -m strategy build --check-text` (its stock check); '' = none")
     ap.add_argument("--json", help="write the results as JSON here")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     for p, what in ((Path(a.model).expanduser() / "config.json", "model (set SMOLLM2_DIR)"),
                     (Path(a.calibration_text), "calibration text"), (Path(a.evaluation_text), "evaluation text")):
         if not p.is_file():

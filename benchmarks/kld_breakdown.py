@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="one checkpoint spec of --smooth (0, 0.5, 0.5p...); default: the first of --smooth")
     ap.add_argument("--up-type", default="Q8_0", help="type tried for the token embedding (the step above its own)")
     a = ap.parse_args(argv)
+    for path, what in ((Path(a.model).expanduser() / "config.json", "model (set SMOLLM2_DIR)"),
+                       (Path(a.calibration_text), "calibration text")):
+        if not path.is_file():
+            print(f"error: {path}: {what} not found", file=sys.stderr)
+            return 2
     spec = (a.checkpoint or a.smooth.split(",")[0]).strip()
     try:
         alpha, order = float(spec.removesuffix("p")), spec.endswith("p")

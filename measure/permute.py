@@ -51,6 +51,8 @@ def collect_head_stats(model_dir: str | Path, text: str | Path, *, ctx: int = 51
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, text = Path(model_dir), Path(text)
+    if chunks < 1 or ctx < 1:
+        raise PermuteError(f"--order-chunks {chunks} / --order-ctx {ctx}: both must be at least 1")
     try:
         words = text.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
@@ -64,6 +66,7 @@ def collect_head_stats(model_dir: str | Path, text: str | Path, *, ctx: int = 51
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(dev).eval()
     norm = model.get_decoder().norm
     head = model.get_output_embeddings().weight.detach()
+    head_sq = head * head  # once: Var_p(head column) needs E_p[head^2] for every batch of tokens
     seen: list[torch.Tensor] = []
     hook = norm.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
     k = head.shape[1]
@@ -79,7 +82,7 @@ def collect_head_stats(model_dir: str | Path, text: str | Path, *, ctx: int = 51
                 sq.append((h * h).cpu().numpy())
                 for t0 in range(0, h.shape[0], 128):
                     p = torch.softmax(h[t0:t0 + 128] @ head.T, dim=-1)
-                    m1, m2 = p @ head, p @ (head * head)
+                    m1, m2 = p @ head, p @ head_sq
                     sens += (m2 - m1 * m1).double().sum(0)
                     rows += p.double().sum(0)
                 count += h.shape[0]

@@ -339,3 +339,8 @@ def test_cli_orders_channels_from_a_calibration_text(smoothed, tmp_path, calibra
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "fewer than one chunk" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists()
+    p = subprocess.run([sys.executable, "-m", "measure", "smooth", model, "--imatrix", im, "-o", tmp_path / "u",
+                        "--imatrix-out", tmp_path / "ui.gguf", "--order-text", calibration_text, "--order-chunks", "0",
+                        "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "--order-chunks 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "u").exists()

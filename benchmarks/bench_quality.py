@@ -284,12 +284,13 @@ class Bench:
         return key_of(self.measurements().name, self.probe_text().name, a.probe_chunks, a.probe_ctx,
                       *(("emulate",) if emulate else ()))
 
-    def selection_probe(self, imatrix_path: Path):
-        """Memoised probe for whole plans (same text and settings as the calibration probes)."""
-        pk = self.probe_key(self.a.probe_emulate)
-        memo_path = self.dir / f"probes-{pk}.json"
+    def selection_probe(self, imatrix_path: Path, emulate: bool | None = None):
+        """Memoised probe for whole plans (same text and settings as the calibration probes; `emulate` overrides
+        --probe-emulate, e.g. kld_breakdown.py's exact-activation variant)."""
+        emulate = self.a.probe_emulate if emulate is None else emulate
+        memo_path = self.dir / f"probes-{self.probe_key(emulate)}.json"
         memo: dict[str, float] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-        return self.memo_probe(memo, memo_path, imatrix_path, self.a.probe_emulate)
+        return self.memo_probe(memo, memo_path, imatrix_path, emulate)
 
     def memo_probe(self, memo: dict[str, float], memo_path: Path, imatrix_path: Path, emulate: bool):
         """probe(assignments) -> KLD, memoised on disk by assignment (the session starts on the first miss)."""

@@ -14,7 +14,6 @@ Options not listed here are bench_quality.py's (the plan is the one a bench run 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -54,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     assign = res.cands.types_of(res.choice)  # the selected and refined plan, as converted
     _, imatrix = b.ours()
     probe = ctx["probe"]  # memoised, with llama.cpp's activation rounding when --probe-emulate (the default)
-    pk = b.probe_key(False)
-    exact_acts = b.memo_probe(json.loads((b.dir / f"probes-{pk}.json").read_text())
-                              if (b.dir / f"probes-{pk}.json").exists() else {},
-                              b.dir / f"probes-{pk}.json", imatrix, emulate=False)
+    exact_acts = b.selection_probe(imatrix, emulate=False)
 
     from strategy.names import tensor_class
 

@@ -362,11 +362,13 @@ class AtomicOutputMixin:
     def _atomic(self) -> Iterator[None]:
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             if self._atomic_tmpdir is not None:
                 with contextlib.suppress(Exception):
                     self.gguf_writer.close()  # type: ignore[attr-defined]
                 shutil.rmtree(self._atomic_tmpdir, ignore_errors=True)
+                if isinstance(e, OSError) and e.errno is not None and self._atomic_final is not None:
+                    raise OSError(e.errno, e.strerror, str(self._atomic_final)) from e  # the destination, not the temp
             raise
         if self._atomic_tmpdir is not None and self._atomic_final is not None:
             for f in sorted(self._atomic_tmpdir.iterdir()):
@@ -558,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         if e.errno is not None and e.strerror:
-            print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}; no output written",
-                  file=sys.stderr)
+            from outputs import os_error_line
+
+            print(f"error: {os_error_line(e)}; no output written", file=sys.stderr)
             return 1
         raise
 

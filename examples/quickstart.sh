@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-${TMPDIR:-/tmp}/gguf-strategy-quickstart}"
 mkdir -p "$W"
+# Start over on a rerun: outputs left by an older version would belong to another model (measure refuses a db of
+# another model). Only this script's own files are removed.
+rm -rf "$W/model" "$W/report"
+rm -f "$W/tensors.txt" "$W/imatrix.gguf" "$W/measure.sqlite"* "$W/plan.yaml" "$W/plan-summary.txt" \
+    "$W/model-plan.gguf" "$W/model-f32.gguf"
 step() { printf '\n== %s\n' "$*"; }
 
 step "1. a tiny llama checkpoint with a real SentencePiece tokenizer -> $W/model"

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from outputs import is_disk_full
+
 META_DIR = ".download"
 
 # Small files the converter and tokenizer loaders read (top level of the repo only).
@@ -113,6 +115,9 @@ def _explain(e: Exception, repo_id: str, revision: str, token_given: bool) -> Hu
     if isinstance(e, HfHubHTTPError):
         return HubError(f"{repo_id}: the hub answered HTTP {status} ({server_msg or e}); retry later — finished "
                         "files are kept and partial ones resume")
+    if is_disk_full(e):  # before the network branch: a full disk is an OSError too
+        return HubError(f"{repo_id}: no space left on device while downloading; free some space (or choose another "
+                        "--local-dir) and rerun: finished files are kept and partial ones resume")
     if isinstance(e, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, OSError)):
         return HubError(f"cannot reach {_endpoint()} ({type(e).__name__}: {e}); check the network (or HF_ENDPOINT) "
                         "and rerun: finished files are kept and partial ones resume")
@@ -252,12 +257,16 @@ def download(repo_id: str, local_dir: str | Path, *, revision: str | None = None
             part_stamp.unlink(missing_ok=True)
             state["done"] += f.size
             state["current"] = ""
+        (meta / "complete.json").write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": sha,
+                                                        "files": [f.path for f in chosen], "bytes": total,
+                                                        "time": time.time()}, indent=1))
+    except OSError as e:  # the bookkeeping files fill a disk too
+        if is_disk_full(e):
+            raise _explain(e, repo_id, revision, token_given) from None
+        raise
     finally:
         finished.set()
         ticker.join()
-    (meta / "complete.json").write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": sha,
-                                                    "files": [f.path for f in chosen], "bytes": total,
-                                                    "time": time.time()}, indent=1))
     if progress:
         progress(total, total, "")
     return local_dir

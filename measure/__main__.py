@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or an unwritable output, wherever it was being written
+        from outputs import os_error_line
+
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; re-run the same command to continue", file=sys.stderr)
         return 130

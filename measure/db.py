@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
 from measure.records import Measurement
+from outputs import is_disk_full, out_of_space, write_atomic
 
 SCHEMA_VERSION = 1
+NO_SPACE = ("no space left on device; free some space and re-run the same command (finished measurements are "
+            "kept), or choose a --db path on another disk")
 _MEAS_FIELDS = [f.name for f in fields(Measurement)]
 
 
@@ -118,6 +121,8 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         con.close()
+        if is_disk_full(e) or ("disk I/O error" in str(e) and out_of_space(path.parent if str(path.parent) else ".")):
+            raise DBError(f"{path}: {NO_SPACE}") from None
         if "readonly" in str(e) or "read-only" in str(e) or "unable to open" in str(e):
             raise DBError(f"{path}: database is read-only ({e}); choose a writable --db path") from None
         raise DBError(f"{path}: not a usable measurement database ({e}); delete it or choose another --db path") from None
@@ -197,14 +202,20 @@ class MeasurementDB:
 
     # --- results ---------------------------------------------------------------------------------------
     def _tx(self):
-        con = self.con
+        con, path = self.con, self.path
 
         class _T:
             def __enter__(self_inner):
                 con.execute("BEGIN IMMEDIATE")
 
             def __exit__(self_inner, et, ev, tb):
-                con.execute("COMMIT" if et is None else "ROLLBACK")
+                try:
+                    con.execute("COMMIT" if et is None else "ROLLBACK")
+                except sqlite3.OperationalError as e:
+                    if is_disk_full(e) or ("disk I/O error" in str(e) and out_of_space(path.parent)):
+                        # what was committed before stays; the same command resumes from it
+                        raise DBError(f"{path}: {NO_SPACE}") from None
+                    raise
 
         return _T()
 
@@ -252,19 +263,13 @@ class MeasurementDB:
         """CSV or JSON (by suffix), written to a temp file and renamed."""
         out = Path(out)
         rows = [m.to_dict() for m in self.measurements(key)]
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                if out.suffix.lower() == ".json":
-                    json.dump({"model": self.model_info(), "measurements": rows,
-                               "not_applicable": [list(t) for t in self.not_applicable(key)]}, f, indent=1)
-                else:
-                    w = csv.DictWriter(f, fieldnames=_MEAS_FIELDS)
-                    w.writeheader()
-                    w.writerows(rows)
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return out
+        if out.suffix.lower() == ".json":
+            text = json.dumps({"model": self.model_info(), "measurements": rows,
+                               "not_applicable": [list(t) for t in self.not_applicable(key)]}, indent=1)
+        else:
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=_MEAS_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+            text = buf.getvalue()
+        return write_atomic(out, text)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from outputs import write_atomic
+
 __all__ = [
     "ImatrixError", "ImatrixEntry", "Imatrix", "Coverage", "load_imatrix", "save_imatrix_gguf",
     "save_imatrix_dat", "COMBINE_MODES",
@@ -472,9 +474,11 @@ def save_imatrix_gguf(path: PathLike, imatrix: Imatrix | dict[str, ImatrixEntry]
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # name the destination, not the temp file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     return path
 
@@ -501,15 +505,7 @@ def save_imatrix_dat(path: PathLike, imatrix: Imatrix) -> Path:
         out += [struct.pack("<i", len(nb)), nb, struct.pack("<ii", ncall, vals.size), vals.astype("<f4").tobytes()]
     ds = (imatrix.datasets[-1] if imatrix.datasets else "").encode()
     out += [struct.pack("<i", imatrix.chunk_count), struct.pack("<i", len(ds)), ds]
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(out))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, b"".join(out))
     return path
 
 

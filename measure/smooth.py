@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from measure.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix_gguf
+from outputs import is_disk_full
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_ALPHA = 0.5
@@ -297,8 +298,10 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         if out_dir.exists():  # a previous smoothed checkpoint (checked above): replaced
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):  # a copy names its source; the disk that filled is the output's
+            raise OSError(e.errno, e.strerror, str(out_dir)) from e
         raise
     return SmoothReport(out_dir, imatrix_out, alpha, n_sites, skipped)
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from outputs import os_error_line, write_atomic
 from strategy.plan import PlanError, load_plan, save_plan, tensor_type_file_lines
 from strategy.problem import StrategyError
 from strategy.sizes import SizeError, format_size, parse_size
@@ -287,9 +288,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     else:
         names = list(plan.tensors)
     out = Path(a.tensor_type_file)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(tensor_type_file_lines(plan, names)) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, "\n".join(tensor_type_file_lines(plan, names)) + "\n")
     print(f"wrote {out}: {len(names)} lines")
     return 0
 
@@ -370,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
 
             load_hessians(a.hessian)
         return a.fn(a)
-    except (StrategyError, PlanError, SizeError, ValueError, OSError) as e:
+    except OSError as e:
+        return _err(os_error_line(e))
+    except (StrategyError, PlanError, SizeError, ValueError) as e:
         return _err(str(e))
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from outputs import write_atomic
 from strategy.problem import Candidates
 from strategy.sizes import bits_per_weight
 
@@ -104,10 +105,7 @@ class Calibration:
                    alternatives=dict(d.get("alternatives") or {}))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

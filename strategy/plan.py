@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from outputs import write_atomic
+
 FORMAT = "gguf-strategy/1"
 
 
@@ -180,9 +182,7 @@ def save_plan(plan: Plan, path: str | Path) -> None:
         text = json.dumps(d, indent=2) + "\n"
     else:
         text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=120)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 def validate_plan(plan: Plan, tensor_names: Iterable[str], source: str = "<plan>",

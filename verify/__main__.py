@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk or an unwritable report directory
+        from outputs import os_error_line
+
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from outputs import write_atomic
 from verify import VerifyError
 from verify.kld import row_width
 
@@ -125,13 +126,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 class LogitsCache:

@@ -9,10 +9,9 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from outputs import write_atomic
 from verify.pipeline import Entry, Report
 
 COLUMNS = ("label", "size MiB", "bpw", "PPL", "mean KLD", "99% KLD", "99.9% KLD", "same top %")
@@ -45,13 +44,7 @@ def report_data(rep: Report) -> dict:
 
 
 def _write(path: Path, data: bytes | str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _csv(rep: Report) -> str:

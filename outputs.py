@@ -1,0 +1,74 @@
+"""Output files: written whole or not at all, and file-system failures (a full disk above all) in one line.
+
+Why: a plan, report or export that a crash or a full disk cut short must never sit at the destination looking
+complete, and a user who runs out of space needs the file and the fix, not a traceback. Every stage writes its
+small outputs through `write_atomic` and turns an OSError into `os_error_line` at its CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_HINTS = {
+    errno.EACCES: "permission denied; choose a writable output path",
+    errno.EPERM: "permission denied; choose a writable output path",
+    errno.EROFS: "read-only file system; choose a writable output path",
+    errno.EFBIG: "file too large for this file system; write it to another one",
+}
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
+    """Write `data` to a temp file beside `path`, then rename it into place; on any failure the temp file is
+    removed and `path` keeps what it held before."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode(encoding) if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # name the destination, not the temp file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    return path
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or sqlite's own report of them (it raises OperationalError, not OSError)."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    return isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e)
+
+
+def out_of_space(directory: str | os.PathLike, below: int = 1 << 20) -> bool:
+    """Less than `below` bytes free where `directory` lives: sqlite reports a full disk that its shared-memory
+    file could not grow on as a plain "disk I/O error", which this tells apart."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < below
+
+
+def os_error_line(e: BaseException, path: str | os.PathLike | None = None) -> str:
+    """One line naming the file and the fix; `path` names the output when the error itself does not."""
+    name = getattr(e, "filename", None) or path
+    where = f"{name}: " if name else ""
+    if is_disk_full(e):
+        return f"{where}no space left on device; free some space or choose an output path on another disk"
+    if isinstance(e, OSError) and e.errno in _HINTS:
+        return f"{where}{_HINTS[e.errno]}"
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return f"{where}{reason}"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from outputs import os_error_line, write_atomic
-from strategy.plan import PlanError, load_plan, save_plan, tensor_type_file_lines
+from strategy.plan import PlanError, load_plan, save_plan, tensor_type_file_lines, validate_plan
 from strategy.problem import StrategyError
 from strategy.sizes import SizeError, format_size, parse_size
 
@@ -266,6 +266,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     from strategy.build import summarize
 
     plan = load_plan(a.plan)
+    validate_plan(plan, list(plan.tensors), source=a.plan)  # type names: a size needs known types
     for line in summarize(plan):
         print(line)
     return 0

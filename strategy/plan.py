@@ -62,6 +62,12 @@ class Plan:
     method: str | None = None
     target: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level keys survive a round trip
+    # key -> line in the file it was loaded from, so validation errors point at the line to edit
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, source: str, key: str) -> str:
+        """`source:LINE` of `key` when the plan was loaded from a file, else `source`."""
+        return f"{source}:{self.lines[key]}" if key in self.lines else source
 
     def type_for(self, name: str) -> str:
         """The type this plan assigns to tensor `name` (before shape fallbacks, which the converter applies)."""
@@ -145,6 +151,7 @@ class Plan:
             method=d.get("method"),
             target=dict(d.get("target") or {}),
             extra={k: v for k, v in d.items() if k not in known},
+            lines=dict(lines),
         )
 
 
@@ -197,15 +204,18 @@ def validate_plan(plan: Plan, tensor_names: Iterable[str], source: str = "<plan>
             close = difflib.get_close_matches(n, names, n=2)
             hints.append(f"{n}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise PlanError(f"{source}: {len(missing)} tensor(s) not in the model: {'; '.join(hints)}{more}")
+        raise PlanError(f"{plan.where(source, missing[0])}: {len(missing)} tensor(s) not in the model: "
+                        f"{'; '.join(hints)}{more}")
     if valid_types is None:
         from quants import WRITABLE_TYPES
         valid_types = [t.name for t in WRITABLE_TYPES]
     valid = {t.upper() for t in valid_types}
-    for label, t in [("default_type", plan.default_type)] + [(f"rule {r.pattern!r}", r.type) for r in plan.rules] \
-            + [(f"tensor {n}", c.type) for n, c in plan.tensors.items()]:
+    for key, label, t in [("default_type", "default_type", plan.default_type)] \
+            + [("rules", f"rule {r.pattern!r}", r.type) for r in plan.rules] \
+            + [(n, f"tensor {n}", c.type) for n, c in plan.tensors.items()]:
         if t.upper() not in valid:
-            raise PlanError(f"{source}: {label}: unknown type {t!r}; valid types: {', '.join(sorted(valid))}")
+            raise PlanError(f"{plan.where(source, key)}: {label}: unknown type {t!r}; valid types: "
+                            f"{', '.join(sorted(valid))}")
 
 
 def tensor_type_file_lines(plan: Plan, tensor_names: Iterable[str]) -> list[str]:

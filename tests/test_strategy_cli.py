@@ -92,3 +92,34 @@ def test_user_errors_are_one_line(inputs):
         assert p.returncode == 2, (args, p.stderr)
         assert needle in p.stderr and "Traceback" not in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_hand_edit_errors_name_the_line(inputs, tmp_path):
+    """A typo in a hand-edited plan: the error points at the line to fix (show, and validation against a model)."""
+    from strategy.plan import PlanError, validate_plan
+
+    d, _, metas = inputs
+    run("build", "--db", d / "m.json", "--metas", d / "metas.json", "--target-bpw", "4.5", "-o", tmp_path / "p.yaml")
+    lines = (tmp_path / "p.yaml").read_text().splitlines()
+    names = [m.name for m in metas if m.quantizable]
+    at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(names[3] + ":"))
+    bad_type = lines.copy()
+    bad_type[at] = bad_type[at].replace("type: ", "type: Q9", 1)
+    (tmp_path / "t.yaml").write_text("\n".join(bad_type) + "\n")
+    p = run("show", tmp_path / "t.yaml", check=False)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {tmp_path / 't.yaml'}:{at + 1}: tensor {names[3]}:"), p.stderr
+    assert "unknown type" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    bad_name = lines.copy()
+    bad_name[at] = bad_name[at].replace(names[3], names[3].replace("blk.", "blk.9"), 1)
+    (tmp_path / "n.json").write_text(json.dumps(load_plan_yaml_dict(bad_name), indent=2))  # the typo in JSON
+    (tmp_path / "n.yaml").write_text("\n".join(bad_name) + "\n")
+    with pytest.raises(PlanError, match=rf"n\.yaml:{at + 1}: 1 tensor\(s\) not in the model"):
+        validate_plan(load_plan(tmp_path / "n.yaml"), names, source=str(tmp_path / "n.yaml"))
+    with pytest.raises(PlanError, match=r"n\.json:\d+: 1 tensor\(s\) not in the model"):
+        validate_plan(load_plan(tmp_path / "n.json"), names, source=str(tmp_path / "n.json"))
+
+
+def load_plan_yaml_dict(lines: list[str]) -> dict:
+    import yaml
+
+    return yaml.safe_load("\n".join(lines))

@@ -7,10 +7,12 @@ small outputs through `write_atomic` and turns an OSError into `os_error_line` a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -22,27 +24,35 @@ _HINTS = {
 }
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
-    """Write `data` to a temp file beside `path`, then rename it into place; on any failure the temp file is
-    removed and `path` keeps what it held before."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside `path` for a writer that wants a file name; renamed into place when the block ends
+    cleanly, removed otherwise (an OSError then names `path`, not the temp file)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode(encoding) if isinstance(data, str) else data)
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:  # name the destination, not the temp file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
-    return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
+    """Write `data` to a temp file beside `path`, then rename it into place; on any failure the temp file is
+    removed and `path` keeps what it held before."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode(encoding) if isinstance(data, str) else data)
+    return Path(path)
 
 
 def is_disk_full(e: BaseException) -> bool:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from outputs import write_atomic
+from outputs import atomic_path, write_atomic
 
 __all__ = [
     "ImatrixError", "ImatrixEntry", "Imatrix", "Coverage", "load_imatrix", "save_imatrix_gguf",
@@ -416,11 +415,6 @@ def load_imatrix(paths: Sequence[PathLike] | PathLike, combine: str = "mean") ->
 
 # --- writing -------------------------------------------------------------------------------------------
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def _writer_class():
     """gguf-py's writer, able to write an empty string array (llama-imatrix does when no dataset is known)."""
     import gguf
@@ -455,9 +449,7 @@ def save_imatrix_gguf(path: PathLike, imatrix: Imatrix | dict[str, ImatrixEntry]
     datasets = list(datasets or [])
     chunk_count = int(chunk_count or 0)
     chunk_size = int(chunk_size or 0)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = _writer_class()(tmp, arch="imatrix")
         w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture key
         w.add_type(gguf.GGUFType.IMATRIX)
@@ -473,13 +465,6 @@ def save_imatrix_gguf(path: PathLike, imatrix: Imatrix | dict[str, ImatrixEntry]
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:  # name the destination, not the temp file
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
     return path
 
 

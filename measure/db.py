@@ -97,6 +97,11 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
+def _no_space(e: sqlite3.Error, path: Path) -> bool:
+    """sqlite's "disk is full", or its "disk I/O error" on a disk with next to nothing free (the WAL index)."""
+    return is_disk_full(e) or ("disk I/O error" in str(e) and out_of_space(path.parent))
+
+
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         if not path.is_file():
@@ -121,7 +126,7 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         con.close()
-        if is_disk_full(e) or ("disk I/O error" in str(e) and out_of_space(path.parent if str(path.parent) else ".")):
+        if _no_space(e, path):
             raise DBError(f"{path}: {NO_SPACE}") from None
         if "readonly" in str(e) or "read-only" in str(e) or "unable to open" in str(e):
             raise DBError(f"{path}: database is read-only ({e}); choose a writable --db path") from None
@@ -212,8 +217,7 @@ class MeasurementDB:
                 try:
                     con.execute("COMMIT" if et is None else "ROLLBACK")
                 except sqlite3.OperationalError as e:
-                    if is_disk_full(e) or ("disk I/O error" in str(e) and out_of_space(path.parent)):
-                        # what was committed before stays; the same command resumes from it
+                    if _no_space(e, path):  # what was committed stays; the same command resumes from it
                         raise DBError(f"{path}: {NO_SPACE}") from None
                     raise
 

@@ -178,3 +178,17 @@ def test_download_on_a_full_disk_is_not_a_network_error(full_disk, tiny_model):
         hub.stop()
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert NO_SPACE in res.stderr and "rerun" in res.stderr and "cannot reach" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_verify_report_on_a_full_disk_is_all_or_nothing(full_disk, measured, tmp_path):
+    model, _, _ = measured
+    base, cand = tmp_path / "base-f32.gguf", tmp_path / "cand-q8_0.gguf"
+    for out, outtype in ((base, "f32"), (cand, "q8_0")):
+        res = _run("convert_hf_to_gguf_strategy.py", str(model), "--outtype", outtype, "--outfile", str(out))
+        assert res.returncode == 0, res.stderr[-2000:]
+    rep = full_disk / "report"
+    res = _run("-m", "verify", "--base", str(base), "--text", str(ROOT / "tests/data/evaluation.txt"), "--ctx",
+               "128", "--chunks", "2", "--cache-dir", str(tmp_path / "cache"), "-o", str(rep), str(cand))
+    _one_line_no_space(res, rep)
+    assert not rep.exists() or list(rep.iterdir()) == []  # no table.txt without its results.csv

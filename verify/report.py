@@ -4,6 +4,7 @@ inline SVG drawn here, the data embedded as JSON in a <script type="application/
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
@@ -11,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from outputs import write_atomic
+from outputs import atomic_path
 from verify.pipeline import Entry, Report
 
 COLUMNS = ("label", "size MiB", "bpw", "PPL", "mean KLD", "99% KLD", "99.9% KLD", "same top %")
@@ -41,10 +42,6 @@ def format_table(rep: Report) -> str:
 def report_data(rep: Report) -> dict:
     return {"engine": rep.engine, "n_ctx": rep.n_ctx, "n_chunk": rep.n_chunk, "text": rep.text,
             "base": rep.base.row(), "entries": [e.row() for e in rep.entries]}
-
-
-def _write(path: Path, data: bytes | str) -> None:
-    write_atomic(path, data)
 
 
 def _csv(rep: Report) -> str:
@@ -174,17 +171,20 @@ document.querySelectorAll('circle.pt').forEach(c => c.addEventListener('click', 
 
 
 def write_report(rep: Report, out_dir: Path) -> dict[str, Path]:
-    """Write every report file (temp name + rename each); returns their paths."""
+    """Write every report file, all or none: each goes to a temp name first, and the renames happen only once all
+    of them are written (a full disk leaves the previous report, not half of a new one); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"table": out_dir / "table.txt", "csv": out_dir / "results.csv", "json": out_dir / "results.json",
              "html": out_dir / "chart.html", "png": out_dir / "chart.png"}
-    _write(files["table"], format_table(rep))
-    _write(files["csv"], _csv(rep))
-    _write(files["json"], json.dumps(report_data(rep), indent=1))
-    _write(files["html"], chart_html(rep))
+    data: dict[str, str | bytes] = {"table": format_table(rep), "csv": _csv(rep),
+                                    "json": json.dumps(report_data(rep), indent=1), "html": chart_html(rep)}
     try:
-        _write(files["png"], chart_png(rep))
+        data["png"] = chart_png(rep)
     except ImportError:
         files.pop("png")
         print(f"note: matplotlib not installed, {out_dir / 'chart.png'} skipped (pip install matplotlib)")
+    with contextlib.ExitStack() as stack:
+        for key, content in data.items():
+            tmp = stack.enter_context(atomic_path(files[key]))
+            tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     return files

@@ -126,7 +126,7 @@ def test_measure_db_on_a_full_disk_resumes_once_space_is_freed(full_disk, measur
 
 
 @pytest.mark.slow
-def test_small_outputs_on_a_full_disk(full_disk, measured):
+def test_small_outputs_on_a_full_disk(full_disk, measured, tmp_path):
     """Plans, tensor-type files, exports and imatrix files: one line, and nothing left behind."""
     model, im, db = measured
     cases = [
@@ -137,21 +137,18 @@ def test_small_outputs_on_a_full_disk(full_disk, measured):
                                  str(ROOT / "tests/data/calibration.txt"), "--ctx", "128", "--chunks", "2", "-o",
                                  str(full_disk / "im.gguf")]),
     ]
-    # a plan to export, made where there is room
-    plan = Path(tempfile.mkdtemp()) / "plan.yaml"
+    plan = tmp_path / "plan.yaml"  # a plan to export, made where there is room
     res = _run("-m", "strategy", "build", "--db", str(db), "--model", str(model), "--imatrix", str(im),
                "--target-bpw", "4.5", "-o", str(plan))
     assert res.returncode == 0, res.stderr[-2000:]
-    (full_disk / "filler2").write_bytes(b"\0" * (os.statvfs(full_disk).f_bavail * os.statvfs(full_disk).f_frsize))
+    st = os.statvfs(full_disk)
+    (full_disk / "filler2").write_bytes(b"\0" * (st.f_bavail * st.f_frsize))
     cases.append((full_disk / "tt.txt", ["-m", "strategy", "export", str(plan), "--tensor-type-file",
                                          str(full_disk / "tt.txt")]))
-    try:
-        for out, args in cases:
-            res = _run(*args)
-            _one_line_no_space(res, out)
-            assert _left(full_disk) == ["filler2"], (args, _left(full_disk))
-    finally:
-        shutil.rmtree(plan.parent)
+    for out, args in cases:
+        res = _run(*args)
+        _one_line_no_space(res, out)
+        assert _left(full_disk) == ["filler2"], (args, _left(full_disk))
 
 
 @pytest.mark.slow

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, FakeRepo
+from full_disk import full_disk_at
 
 from outputs import is_disk_full, os_error_line, write_atomic
 
@@ -68,20 +67,10 @@ def _umask() -> int:
 # --- a real full disk ----------------------------------------------------------------------------------------
 
 @pytest.fixture
-def full_disk() -> Iterator[Path]:
+def full_disk(tmp_path_factory) -> Iterator[Path]:
     """An 8 MiB tmpfs (room for sqlite's write-ahead log once freed) filled to a few KiB by `filler`."""
-    d = Path(tempfile.mkdtemp(prefix="full-disk-"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], capture_output=True, text=True)
-    if res.returncode != 0:
-        d.rmdir()
-        pytest.skip(f"cannot mount a small tmpfs to fill ({(res.stderr or res.stdout).strip()}); needs root")
-    try:
-        st = os.statvfs(d)
-        (d / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 8192))
+    with full_disk_at(tmp_path_factory.mktemp("full-disk") / "mnt") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, FakeRepo
+from full_disk import full_disk_at
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "webui"
@@ -176,6 +177,17 @@ def test_errors_match_the_cli(server, workspace):
     assert status == 400 and "not in the model" in r["error"] and "did you mean" in r["error"]
     status, r = server.json("POST", "/api/models/open", {"path": "strategies"})
     assert status == 400 and "no config.json" in r["error"]
+
+
+def test_saving_onto_a_full_disk_is_one_line(server, workspace):
+    """The CLIs' one line for a full disk (HTTP 507), not 'internal error', and no temp file left behind."""
+    with full_disk_at(workspace / "full", leave=0) as disk:
+        status, r = server.json("POST", "/api/plan/save", {"path": "full/p.yaml", "model": "models/tiny",
+                                                           "plan": {"default_type": "Q8_0"}})
+        assert status == 507, r
+        assert r["error"] == f"{disk / 'p.yaml'}: no space left on device; free some space or choose an output path " \
+                             "on another disk"
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
 def test_download_job_through_the_api_keeps_the_token_secret(tiny_model, tmp_path):

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from jobs.kinds import KINDS, ROOT, ParamError
 from jobs.store import JobError, JobStore
 from jobs.worker import worker_alive
+from outputs import is_disk_full, os_error_line
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 32 * 1024 * 1024
@@ -418,6 +419,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json_safe(e.status, {"error": e.message})
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except OSError as e:  # a full disk or an unwritable path: the CLIs' one line, 507 when it is space
+            self._json_safe(507 if is_disk_full(e) else 500, {"error": os_error_line(e)})
         except Exception as e:  # noqa: BLE001 - never let a request take the server down
             traceback.print_exc()
             self._json_safe(500, {"error": f"internal error: {type(e).__name__}: {e}"})

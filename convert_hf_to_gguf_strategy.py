@@ -368,7 +368,9 @@ class AtomicOutputMixin:
                     self.gguf_writer.close()  # type: ignore[attr-defined]
                 shutil.rmtree(self._atomic_tmpdir, ignore_errors=True)
                 if isinstance(e, OSError) and e.errno is not None and self._atomic_final is not None:
-                    raise OSError(e.errno, e.strerror, str(self._atomic_final)) from e  # the destination, not the temp
+                    from outputs import at_destination
+
+                    raise at_destination(e, self._atomic_final) from e
             raise
         if self._atomic_tmpdir is not None and self._atomic_final is not None:
             for f in sorted(self._atomic_tmpdir.iterdir()):

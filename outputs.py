@@ -29,9 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temp file beside `path` for a writer that wants a file name; renamed into place when the block ends
     cleanly, removed otherwise (an OSError then names `path`, not the temp file)."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -43,8 +42,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, e.strerror, str(path)) from e
+            raise at_destination(e, path) from e
         raise
+
+
+def at_destination(e: OSError, path: str | os.PathLike) -> OSError:
+    """The same error naming the output `path`: a failure inside a temp file or directory (or a copy, which names
+    its source) is the destination's problem for the user."""
+    return OSError(e.errno, e.strerror, str(path))
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
@@ -72,9 +77,9 @@ def out_of_space(directory: str | os.PathLike, below: int = 1 << 20) -> bool:
     return st.f_bavail * st.f_frsize < below
 
 
-def os_error_line(e: BaseException, path: str | os.PathLike | None = None) -> str:
-    """One line naming the file and the fix; `path` names the output when the error itself does not."""
-    name = getattr(e, "filename", None) or path
+def os_error_line(e: BaseException) -> str:
+    """One line naming the file (when the error has one) and the fix."""
+    name = getattr(e, "filename", None)
     where = f"{name}: " if name else ""
     if is_disk_full(e):
         return f"{where}no space left on device; free some space or choose an output path on another disk"

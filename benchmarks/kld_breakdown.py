@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("as planned", whole, None), ("exact activations (no 8-bit rounding of matmul inputs)",
                                            exact_acts(assign), None)]
     for cls in sorted(by_class, key=lambda k: -sum(size_of[n] for n in by_class[k])):
-        rest = {n: t for n, t in assign.items() if n not in set(by_class[cls])}
+        members = set(by_class[cls])
+        rest = {n: t for n, t in assign.items() if n not in members}
         mib = sum(size_of[n] for n in by_class[cls]) / 2**20
         rows.append((f"{cls} exact ({len(by_class[cls])} tensors, {mib:.1f} MiB in the plan)", probe(rest), cls))
     embd = "token_embd.weight"

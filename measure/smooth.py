@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from measure.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix_gguf
-from outputs import is_disk_full
+from outputs import at_destination, is_disk_full
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_ALPHA = 0.5
@@ -300,8 +300,8 @@ def smooth_checkpoint(model_dir: str | os.PathLike, imatrix: str | os.PathLike, 
         os.replace(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):  # a copy names its source; the disk that filled is the output's
-            raise OSError(e.errno, e.strerror, str(out_dir)) from e
+        if is_disk_full(e) and e.filename != str(imatrix_out):  # a copy names its source, not the disk that filled
+            raise at_destination(e, out_dir) from e
         raise
     return SmoothReport(out_dir, imatrix_out, alpha, n_sites, skipped)
 

@@ -52,7 +52,7 @@ def test_os_error_line_says_what_to_do():
         f"/x/plan.yaml: {NO_SPACE}; free some space or choose an output path on another disk")
     assert os_error_line(OSError(errno.EACCES, "Permission denied", "/x/p")) == (
         "/x/p: permission denied; choose a writable output path")
-    assert os_error_line(OSError(errno.ENOSPC, "No space left on device"), "out.gguf").startswith(f"out.gguf: {NO_SPACE}")
+    assert os_error_line(OSError(errno.ENOSPC, "No space left on device")).startswith(NO_SPACE)
     assert is_disk_full(sqlite3.OperationalError("database or disk is full"))
     assert not is_disk_full(sqlite3.OperationalError("no such table: results"))
     assert os_error_line(OSError(errno.ENOENT, "No such file or directory", "/x/m")) == "/x/m: No such file or directory"
@@ -141,7 +141,7 @@ def test_small_outputs_on_a_full_disk(full_disk, measured, tmp_path):
 
 
 @pytest.mark.slow
-def test_convert_and_smooth_on_a_full_disk(full_disk, measured):
+def test_convert_and_smooth_on_a_full_disk(full_disk, measured, tmp_path):
     model, im, _ = measured
     out = full_disk / "model.gguf"
     res = _run("convert_hf_to_gguf_strategy.py", str(model), "--outtype", "q8_0", "--outfile", str(out))
@@ -152,6 +152,12 @@ def test_convert_and_smooth_on_a_full_disk(full_disk, measured):
                str(full_disk / "smoothed.gguf"))
     _one_line_no_space(res, out)
     assert _left(full_disk) == []
+    # the checkpoint has room, its imatrix does not: the error names the imatrix, and no checkpoint is left
+    im_out = full_disk / "smoothed.gguf"
+    res = _run("-m", "measure", "smooth", str(model), "--imatrix", str(im), "-o", str(tmp_path / "smoothed"),
+               "--imatrix-out", str(im_out))
+    _one_line_no_space(res, im_out)
+    assert _left(full_disk) == [] and not (tmp_path / "smoothed").exists()
 
 
 @pytest.mark.slow

@@ -119,14 +119,10 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
     memo[memo_key] = h.hexdigest()
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(memo_file, json.dumps(memo, indent=0))
+        write_atomic(memo_file, json.dumps(memo, indent=0))
     except OSError:
         pass
     return memo[memo_key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    write_atomic(path, text)
 
 
 class LogitsCache:
@@ -159,7 +155,7 @@ class LogitsCache:
         with open(raw_file, "rb") as src, gzip.open(tmp, "wb", compresslevel=1) as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         os.replace(tmp, data)
-        _atomic_write_text(side, json.dumps({**meta, "created": time.time()}, indent=1))
+        write_atomic(side, json.dumps({**meta, "created": time.time()}, indent=1))
 
     @contextmanager
     def open_raw(self, key: str) -> Iterator[Path]:

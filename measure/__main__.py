@@ -1,7 +1,8 @@
 """CLI.
 
     python -m measure MODEL_DIR [--imatrix F ...] [--combine mean|max|weighted] [--types Q8_0,Q4_K] --db FILE
-    python -m measure imatrix MODEL_DIR --text FILE -o imatrix.gguf [--ctx 512] [--chunks N]
+    python -m measure imatrix MODEL_DIR --text FILE [--text FILE2 ...] -o imatrix.gguf [--ctx 512] [--chunks N]
+    python -m measure sample MODEL_DIR -o samples.txt [--tokens 20480]
     python -m measure smooth MODEL_DIR --imatrix F -o SMOOTHED_DIR --imatrix-out F2 [--alpha 0.5] [--order-text T]
     python -m measure inspect MODEL_DIR [--imatrix F ...]
     python -m measure export --db FILE -o out.csv|out.json
@@ -13,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("imatrix", "smooth", "inspect", "export")
+SUBCOMMANDS = ("imatrix", "sample", "smooth", "inspect", "export")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -23,11 +24,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from measure.imatrix import ImatrixError
     from measure.imatrix_compute import ImatrixComputeError
     from measure.permute import PermuteError
+    from measure.sample import SampleError
     from measure.smooth import SmoothError
     from quants import QuantInputError
 
     return (ModelInputError, ImatrixError, DBError, QuantInputError, ImatrixComputeError, HessianError,
-            SmoothError, PermuteError, FileNotFoundError)
+            SmoothError, PermuteError, SampleError, FileNotFoundError)
 
 
 def _measure(argv: list[str]) -> int:
@@ -65,10 +67,12 @@ def _imatrix(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m measure imatrix", description="Compute an imatrix with torch.")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--text", required=True, type=Path)
+    p.add_argument("--text", required=True, type=Path, action="append",
+                   help="calibration text; repeat it to add another source (each gives up to --chunks chunks, "
+                        "e.g. the model's own samples from `python -m measure sample`)")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=-1)
+    p.add_argument("--chunks", type=int, default=-1, help="chunks per text (default: all of each)")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight, as llama-imatrix can")
     p.add_argument("--device", default=None)
     p.add_argument("--hessian", type=Path, default=None,
@@ -78,6 +82,32 @@ def _imatrix(argv: list[str]) -> int:
     out = compute_imatrix(a.model_dir, a.text, a.output, ctx=a.ctx, chunks=a.chunks,
                           process_output=a.process_output, device=a.device, hessian_output=a.hessian)
     print(f"wrote {out}" + (f" and {a.hessian}" if a.hessian else ""))
+    return 0
+
+
+def _sample(argv: list[str]) -> int:
+    from measure.sample import sample_text
+
+    p = argparse.ArgumentParser(prog="python -m measure sample",
+                                description="Text sampled from the model itself: a second calibration source that "
+                                            "keeps error-compensated encodings from fitting one text's style.")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--tokens", type=int, default=20480, help="tokens to sample (default 20480: 40 chunks of 512)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per sample (use the imatrix's --ctx)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=16, help="samples generated at once")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    def show(done: int, total: int) -> None:
+        print(f"\rsampled {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    out = sample_text(a.model_dir, a.output, tokens=a.tokens, ctx=a.ctx, seed=a.seed, temperature=a.temperature,
+                      batch=a.batch, device=a.device, progress=None if a.no_progress else show)
+    print(f"wrote {out}")
     return 0
 
 
@@ -173,7 +203,8 @@ def _export(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = {"imatrix": _imatrix, "smooth": _smooth, "inspect": _inspect, "export": _export}.get(argv[0] if argv else "", None)
+    cmd = {"imatrix": _imatrix, "sample": _sample, "smooth": _smooth, "inspect": _inspect,
+           "export": _export}.get(argv[0] if argv else "", None)
     errors = _user_errors()
     try:
         return cmd(argv[1:]) if cmd else _measure(argv)

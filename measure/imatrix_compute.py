@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,28 +74,42 @@ def _name_map(model_dir: Path):
     return gguf.get_tensor_name_map(cls.model_arch, n_blocks)
 
 
-def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, output: str | os.PathLike, *,
+def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequence[str | os.PathLike],
+                    output: str | os.PathLike, *,
                     ctx: int = 512, chunks: int = -1, process_output: bool = False, device: str | None = None,
                     dataset_name: str | None = None, hessian_output: str | os.PathLike | None = None) -> Path:
     """Compute and write a GGUF imatrix; returns its path. Raises ImatrixComputeError / catalog.ModelInputError.
 
-    `hessian_output`: also write every dense weight's input covariance there (`measure.hessian`)."""
+    `text`: one calibration text or several; each gives up to `chunks` chunks (all of it when negative), so two
+    texts of at least `chunks` chunks weigh the same. `hessian_output`: also write every dense weight's input
+    covariance there (`measure.hessian`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import catalog
 
-    model_dir, text, output = Path(model_dir), Path(text), Path(output)
+    texts = [Path(text)] if isinstance(text, (str, os.PathLike)) else [Path(t) for t in text]
+    model_dir, output = Path(model_dir), Path(output)
     if ctx < 16:
         raise ImatrixComputeError(f"--ctx {ctx} is too small; llama-imatrix ignores batches under 16 tokens")
-    infos = {i.name: i for i in catalog.list_tensors(model_dir)}  # also validates the model dir
-    tokens, bos = _tokenize(model_dir, text)
-    if len(tokens) < 2 * ctx:
-        raise ImatrixComputeError(f"{text}: tokenizes to only {len(tokens)} tokens; a context of {ctx} needs at least "
-                                  f"{2 * ctx} (use a longer text or a smaller --ctx)")
-    n_chunk = len(tokens) // ctx if chunks is None or chunks < 0 else min(chunks, len(tokens) // ctx)
-    if n_chunk < 1:
+    if not texts:
+        raise ImatrixComputeError("no calibration text given; pass --text FILE")
+    if chunks is not None and chunks == 0:
         raise ImatrixComputeError(f"--chunks {chunks}: nothing to compute")
+    infos = {i.name: i for i in catalog.list_tensors(model_dir)}  # also validates the model dir
+    batches: list[list[int]] = []  # every chunk of every text, first token BOS when the tokenizer adds one
+    for t in texts:
+        tokens, bos = _tokenize(model_dir, t)
+        if len(tokens) < 2 * ctx:
+            raise ImatrixComputeError(f"{t}: tokenizes to only {len(tokens)} tokens; a context of {ctx} needs at "
+                                      f"least {2 * ctx} (use a longer text or a smaller --ctx)")
+        n = len(tokens) // ctx if chunks is None or chunks < 0 else min(chunks, len(tokens) // ctx)
+        for c in range(n):
+            ids = list(tokens[c * ctx:(c + 1) * ctx])
+            if bos is not None:
+                ids[0] = bos
+            batches.append(ids)
+    n_chunk = len(batches)
     tmap = _name_map(model_dir)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -169,10 +184,7 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
 
     try:
         with torch.inference_mode():
-            for c in range(n_chunk):
-                ids = list(tokens[c * ctx:(c + 1) * ctx])
-                if bos is not None:
-                    ids[0] = bos
+            for ids in batches:
                 model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
     finally:
         for h in hooks:
@@ -186,5 +198,6 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike, outpu
         both = {**accs, **head_cov}
         covs = {n: a.cov for n, a in both.items() if a.cov is not None}
         save_hessians(hessian_output, covs, {n: int(both[n].counts[0]) for n in covs})
-    return save_imatrix_gguf(output, entries, datasets=[dataset_name or str(text)], chunk_count=n_chunk,
+    return save_imatrix_gguf(output, entries, datasets=[dataset_name] if dataset_name else [str(t) for t in texts],
+                             chunk_count=n_chunk,
                              chunk_size=ctx)

@@ -185,12 +185,18 @@ class Bench:
         if not a.compensate:
             return None
         # keyed by the collecting code too: a change to what is collected (the head's covariance) re-collects
+        sampled = ("samples", a.sample_tokens, sha_file(ROOT / "measure" / "sample.py")[:16]) if a.sample_tokens else ()
         k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks, "cov",
-                   sha_file(ROOT / "measure" / "imatrix_compute.py")[:16], *filter(None, [self.smoothing_key()]))
+                   sha_file(ROOT / "measure" / "imatrix_compute.py")[:16], *filter(None, [self.smoothing_key()]),
+                   *sampled)
         out = self.dir / f"cov-{k}.safetensors"
 
         def make(tmp: Path) -> None:
-            res = subprocess.run([sys.executable, "-m", "measure", "imatrix", self.ours()[0], "--text", self.calib_text,
+            texts = ["--text", self.calib_text]
+            if a.sample_tokens:  # the model's own text as a second source, as many chunks as the calibration text
+                samples = self.samples()
+                texts += ["--text", samples]
+            res = subprocess.run([sys.executable, "-m", "measure", "imatrix", self.ours()[0], *texts,
                                   "--ctx", str(a.imatrix_ctx), "--chunks", str(a.imatrix_chunks),
                                   "-o", tmp.with_suffix(".imatrix.gguf"), "--hessian", tmp],
                                  cwd=ROOT, text=True, capture_output=True)
@@ -199,6 +205,20 @@ class Bench:
                 raise SystemExit(f"error: python -m measure imatrix failed: {(res.stderr or res.stdout).strip()[-800:]}")
         return produce(out, make, f"input covariances (torch) on {self.calib_text.name} ({a.imatrix_chunks} x "
                                   f"{a.imatrix_ctx})")
+
+    def samples(self) -> Path:
+        """Text sampled from our checkpoint (`measure sample`): no corpus but the model itself."""
+        a = self.a
+        k = key_of(self.model_fp, a.sample_tokens, a.imatrix_ctx, sha_file(ROOT / "measure" / "sample.py")[:16],
+                   *filter(None, [self.smoothing_key()]))
+
+        def make(tmp: Path) -> None:
+            res = subprocess.run([sys.executable, "-m", "measure", "sample", self.ours()[0], "-o", tmp,
+                                  "--tokens", str(a.sample_tokens + 2 * a.imatrix_ctx), "--ctx", str(a.imatrix_ctx),
+                                  "--no-progress"], cwd=ROOT, text=True, capture_output=True)
+            if res.returncode != 0:
+                raise SystemExit(f"error: python -m measure sample failed: {(res.stderr or res.stdout).strip()[-800:]}")
+        return produce(self.dir / f"samples-{k}.txt", make, f"{a.sample_tokens} tokens sampled from the model")
 
     def hessian_args(self) -> list:
         h = self.hessian()
@@ -535,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                     help="our files use the error-compensated encoding (input covariances from the calibration text; "
                          "measure, probes and converter all get --hessian); --no-compensate: ggml's own encoding")
+    ap.add_argument("--sample-tokens", type=int, default=0,
+                    help="also compute the input covariances on this many tokens the model samples itself "
+                         "(`measure sample`; the imatrix and the stock mixes are unchanged); 0: calibration text only")
     ap.add_argument("--smooth", default="0.5p,0.5,0",
                     help="comma-separated alphas of measure.smooth (an exact reparametrisation that makes llama.cpp's "
                          "activation rounding cheaper; 0: the original checkpoint; a trailing p also reorders the "

@@ -3,7 +3,7 @@
 Error compensation (`quants.compensate`) moves each weight's rounding error into the directions its input
 covariance says are quiet. A covariance from one calibration text learns that text's quiet directions, and on
 other text they are not quiet: on SmolLM2, with covariances from Moby-Dick, compensation halved the KLD on
-held-out Moby-Dick but cut it by only 11% on licence texts (docs/quality.md, "Calibration domain"). Samples
+held-out Moby-Dick but cut it by only 11% on licence texts (docs/quality.md, "The calibration domain"). Samples
 drawn from the model cover what it was trained on without any other corpus. Each sample starts from the
 tokenizer's BOS (when it adds one) and one random ordinary token, then is sampled at temperature 1.
 
@@ -35,9 +35,9 @@ def sample_text(model_dir: str | os.PathLike, output: str | os.PathLike, *, toke
     import catalog
 
     model_dir, output = Path(model_dir), Path(output)
-    if tokens < 1 or ctx < 2 or batch < 1:
+    if tokens < 1 or ctx < 8 or batch < 1:
         raise SampleError(f"--tokens {tokens} / --ctx {ctx} / --batch {batch}: tokens and batch must be at least 1, "
-                          f"ctx at least 2")
+                          f"ctx at least 8")
     if not temperature > 0:
         raise SampleError(f"--temperature {temperature}: must be above 0 (1 samples the model's own distribution)")
     catalog.list_tensors(model_dir)  # a usable checkpoint directory, or its one-line error

@@ -44,16 +44,17 @@ class _Acc:
             self.cov += (x.T @ x).cpu().numpy()
 
 
-def _tokenize(model_dir: Path, text_path: Path) -> tuple[list[int], int | None]:
+def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    if not text_path.is_file():
-        raise ImatrixComputeError(f"{text_path}: calibration text not found")
-    text = text_path.read_text(encoding="utf-8", errors="replace")
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is a model-dir problem for the user
         raise ImatrixComputeError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def _tokenize(tok, text_path: Path) -> tuple[list[int], int | None]:
+    text = text_path.read_text(encoding="utf-8", errors="replace")
     ids = list(tok(text, add_special_tokens=True)["input_ids"])
     bos = tok.bos_token_id
     add_bos = bos is not None and bool(ids) and ids[0] == bos
@@ -94,12 +95,16 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequ
         raise ImatrixComputeError(f"--ctx {ctx} is too small; llama-imatrix ignores batches under 16 tokens")
     if not texts:
         raise ImatrixComputeError("no calibration text given; pass --text FILE")
+    missing = [t for t in texts if not t.is_file()]
+    if missing:
+        raise ImatrixComputeError(f"{missing[0]}: calibration text not found")
     if chunks is not None and chunks == 0:
         raise ImatrixComputeError(f"--chunks {chunks}: nothing to compute")
     infos = {i.name: i for i in catalog.list_tensors(model_dir)}  # also validates the model dir
     batches: list[list[int]] = []  # every chunk of every text, first token BOS when the tokenizer adds one
+    tok = _load_tokenizer(model_dir)  # once for every text
     for t in texts:
-        tokens, bos = _tokenize(model_dir, t)
+        tokens, bos = _tokenize(tok, t)
         if len(tokens) < 2 * ctx:
             raise ImatrixComputeError(f"{t}: tokenizes to only {len(tokens)} tokens; a context of {ctx} needs at "
                                       f"least {2 * ctx} (use a longer text or a smaller --ctx)")

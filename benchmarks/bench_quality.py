@@ -13,8 +13,9 @@ What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed b
    to it; every later stage of OUR pipeline reads those two. Stock files and the KLD base use the original.
 4. measurements: `python -m measure MODEL --imatrix I --db F` (every tensor x every type, round trip errors);
    with --compensate (default) also `--hessian C`, the input covariances `python -m measure imatrix --hessian`
-   computes from the same calibration text, and the probes and our converter use the same file: our files are
-   written with the error-compensated encoding (quants/compensate.py), stock files by llama-quantize.
+   computes from the same calibration text plus as many chunks of text the model samples itself
+   (--sample-tokens, `python -m measure sample`), and the probes and our converter use the same file: our files
+   are written with the error-compensated encoding (quants/compensate.py), stock files by llama-quantize.
 5. calibration: end-to-end probes with verify.probe on a slice of the CALIBRATION text that the imatrix did
    not see (never the evaluation text), fitted by strategy.calibrate.
 6. plans at each stock size: budget allocator uncalibrated, ASHQ1, budget allocator calibrated; each converted
@@ -555,9 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                     help="our files use the error-compensated encoding (input covariances from the calibration text; "
                          "measure, probes and converter all get --hessian); --no-compensate: ggml's own encoding")
-    ap.add_argument("--sample-tokens", type=int, default=0,
+    ap.add_argument("--sample-tokens", type=int, default=20480,
                     help="also compute the input covariances on this many tokens the model samples itself "
-                         "(`measure sample`; the imatrix and the stock mixes are unchanged); 0: calibration text only")
+                         "(`measure sample`; the imatrix and the stock mixes are unchanged; lower KLD on the "
+                         "evaluation text at every size, docs/quality.md); 0: calibration text only")
     ap.add_argument("--smooth", default="0.5p,0.5,0",
                     help="comma-separated alphas of measure.smooth (an exact reparametrisation that makes llama.cpp's "
                          "activation rounding cheaper; 0: the original checkpoint; a trailing p also reorders the "

@@ -80,7 +80,8 @@ def test_imatrix_from_two_texts_is_the_sum_of_each(samples, calibration_text, tm
 
 def test_sample_errors_are_one_line(tiny_model, tmp_path):
     model = tiny_model("llama")
-    for args, needle in ((["--temperature", "0"], "--temperature 0"), (["--tokens", "0"], "--tokens 0")):
+    for args, needle in ((["--temperature", "0"], "--temperature 0"), (["--tokens", "0"], "--tokens 0"),
+                         (["--ctx", "4"], "ctx at least 8")):
         r = subprocess.run([sys.executable, "-m", "measure", "sample", str(model), "-o", str(tmp_path / "s.txt"),
                             *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stderr
@@ -118,3 +119,16 @@ def test_cli_sample_then_imatrix_from_both(tiny_model, calibration_text, tmp_pat
     from measure.imatrix import load_imatrix
 
     assert load_imatrix(out).chunk_count == 4 and load_hessians(hp).tokens == 256
+
+
+def test_imatrix_missing_second_text_fails_before_any_work(tiny_model, calibration_text, tmp_path):
+    """Every --text is checked up front: a typo in the second one must not cost the first one's tokenizing."""
+    model = tiny_model("llama")
+    out, hp = tmp_path / "i.gguf", tmp_path / "h.safetensors"
+    r = subprocess.run([sys.executable, "-m", "measure", "imatrix", str(model), "--text", str(calibration_text),
+                        "--text", str(tmp_path / "typo.txt"), "--ctx", "64", "--chunks", "2", "-o", str(out),
+                        "--hessian", str(hp), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and "typo.txt: calibration text not found" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not hp.exists()

@@ -118,18 +118,21 @@ _Q8_K_ACT = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ2_X
 _Q8_0_ACT = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4")
 
 
-def _round_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Symmetric 8-bit rounding per block of `block` values (scale amax/127), back to float."""
+def _round_blocks(x: torch.Tensor, block: int, straight_through: bool = False) -> torch.Tensor:
+    """Symmetric 8-bit rounding per block of `block` values (scale amax/127), back to float.
+
+    straight_through: the forward value is the rounded one, the gradient passes as if unrounded (tune/)."""
     shape = x.shape
     if shape[-1] % block:
         return x
     b = x.reshape(-1, block)
-    d = b.abs().amax(dim=1, keepdim=True) / 127.0
-    q = torch.where(d > 0, torch.round(b / torch.where(d > 0, d, 1.0)), 0.0)
-    return (q * d).reshape(shape)
+    src = b.detach() if straight_through else b
+    d = src.abs().amax(dim=1, keepdim=True) / 127.0
+    q = torch.where(d > 0, torch.round(src / torch.where(d > 0, d, 1.0)), 0.0) * d
+    return (b + (q - src) if straight_through else q).reshape(shape)
 
 
-def ggml_activations(x: torch.Tensor, wtype) -> torch.Tensor:
+def ggml_activations(x: torch.Tensor, wtype, straight_through: bool = False) -> torch.Tensor:
     """ggml's CPU matmul converts the activations to the weight type's `vec_dot_type` first: Q8_K blocks of
     256 for K-quants, Q8_0 blocks of 32 for the legacy types, F16/BF16 for F16/BF16 weights. Emulating it
     brings our logits to llama.cpp's (mean KLD of a Q4_K_M within a few % instead of ~7% low)."""
@@ -137,9 +140,9 @@ def ggml_activations(x: torch.Tensor, wtype) -> torch.Tensor:
         return x
     name = wtype.name
     if name in _Q8_K_ACT:
-        return _round_blocks(x, 256)
+        return _round_blocks(x, 256, straight_through)
     if name in _Q8_0_ACT:
-        return _round_blocks(x, 32)
+        return _round_blocks(x, 32, straight_through)
     if name == "F16":
         return x.half().float()
     if name == "BF16":
@@ -158,6 +161,7 @@ class GGUFModel:
             torch.set_num_threads(threads)
         self.qtypes = {t.name: t.tensor_type for t in reader.tensors}
         self.emulate_ggml = emulate_ggml
+        self.straight_through = False  # gradients through the activation rounding (tune/ sets it)
         self.w: dict[str, torch.Tensor] = {}
         for t in reader.tensors:
             self.w[t.name] = torch.from_numpy(np.array(dequantize_tensor(t), dtype=np.float32, copy=True))
@@ -173,7 +177,9 @@ class GGUFModel:
 
     def _in(self, x: torch.Tensor, weight: str) -> torch.Tensor:
         """The activations as ggml's CPU matmul sees them for this weight's type (see `ggml_activations`)."""
-        return ggml_activations(x, self.qtypes.get(weight)) if self.emulate_ggml else x
+        if not self.emulate_ggml:
+            return x
+        return ggml_activations(x, self.qtypes.get(weight), self.straight_through)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         y = self._in(x, name + ".weight") @ self.w[name + ".weight"].T

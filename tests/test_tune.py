@@ -1,0 +1,161 @@
+"""tune/: block scale fields split and written back exactly for every tunable type; the tuning loop lowers
+held-out KL on a tiny model; llama.cpp loads the result and measures it better; codes never change; user errors
+are one line with nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RNG = np.random.default_rng(7)
+
+
+def _field_mask(qtype, n_blocks_per_row: int, rows: int) -> np.ndarray:
+    """True on the bytes of the d/m fields of every block."""
+    from gguf import GGML_QUANT_SIZES
+
+    from tune.fields import SCALE_FIELDS
+
+    _, bpb = GGML_QUANT_SIZES[qtype]
+    mask = np.zeros((rows, n_blocks_per_row, bpb), dtype=bool)
+    for off in SCALE_FIELDS[qtype.name]:
+        if off is not None:
+            mask[:, :, off:off + 2] = True
+    return mask.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K",
+                                  "Q4_K", "Q5_K", "Q6_K"])
+def test_fields_split_and_write_back(name):
+    import quants
+    from tune.fields import split, with_fields
+
+    qt = quants.parse_type(name)
+    rows, k = 3, 512
+    w = RNG.standard_normal((rows, k)).astype(np.float32)
+    raw = quants.quantize(w, qt, RNG.random(k).astype(np.float32) + 0.1 if quants.requires_importance(qt) else None)
+    f = split(raw, qt)
+    ref = quants.dequantize(raw, qt).reshape(rows, k)
+    np.testing.assert_allclose(f.weights(), ref, rtol=1e-6, atol=1e-7)
+    assert (f.m is None) == (name in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q6_K"))
+    # doubling every scale (and halving every minimum) is exact in fp16: the decoder must see exactly that
+    d2, m2 = f.d * 2, None if f.m is None else f.m * 0.5
+    raw2 = with_fields(raw, qt, d2, m2)
+    np.testing.assert_allclose(quants.dequantize(raw2, qt).reshape(rows, k), f.weights(d2, m2), rtol=1e-6, atol=1e-7)
+    mask = _field_mask(qt, k // quants.block_size(qt), rows)
+    assert np.array_equal(raw2[~mask], raw[~mask]), "codes or sub-block scales changed"
+    assert not np.array_equal(raw2[mask], raw[mask])
+
+
+def test_fields_errors():
+    import quants
+    from tune import TuneError
+    from tune.fields import split, with_fields
+
+    with pytest.raises(TuneError, match="no tunable scale fields"):
+        split(np.zeros((2, 64), np.uint8), quants.parse_type("BF16"))
+    raw = quants.quantize(RNG.standard_normal((2, 64)).astype(np.float32), quants.parse_type("Q8_0"))
+    with pytest.raises(TuneError, match="left fp16's range"):
+        with_fields(raw, quants.parse_type("Q8_0"), np.full((2, 2), 1e6, np.float32), name="blk.0.x")
+
+
+def _convert_f32(hf_dir: Path, out: Path) -> Path:
+    from llamacpp.upstream import find_sources
+
+    src = find_sources()
+    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
+    res = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f32",
+                          "--outfile", str(out)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_model, reference, tmp_path_factory):
+    """(f32 base GGUF, llama-quantize --pure Q4_0 of it)."""
+    d = tmp_path_factory.mktemp("tune")
+    base = _convert_f32(tiny_model("llama"), d / "base.gguf")
+    q = d / "q4_0.gguf"
+    res = subprocess.run([str(reference.tool("llama-quantize")), "--pure", str(base), str(q), "Q4_0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return base, q
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tune", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_tune_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibration_text, evaluation_text, tmp_path):
+    import gguf
+
+    from verify.llamacpp_engine import LlamaCppEngine
+
+    base, q = tiny_pair
+    out = tmp_path / "tuned.gguf"
+    r = _cli(str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--ctx", "128",
+             "--chunks", "24", "--val-chunks", "4", "--steps", "40", "--lr", "1e-3", "--eval-every", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out KL" in r.stdout and out.is_file()
+    before, after = (float(x) for x in r.stdout.rsplit("held-out KL ", 1)[1].split(" (")[0].split(" -> "))
+    assert after < 0.9 * before, r.stdout
+    # llama.cpp loads it, and measures it closer to the base on text the tuning never read
+    eng = LlamaCppEngine(reference.tool("llama-perplexity"), threads=2)
+    eng.run_base(base, evaluation_text, 128, 16, tmp_path / "base.kld")
+    k_in = eng.compare(q, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
+    k_out = eng.compare(out, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
+    assert k_out < 0.95 * k_in, (k_in, k_out)
+    # same tensors, types and sizes; only the fp16 fields and the norm vectors moved
+    ra, rb = gguf.GGUFReader(q), gguf.GGUFReader(out)
+    assert out.stat().st_size == q.stat().st_size
+    moved_norms = 0
+    for ta, tb in zip(ra.tensors, rb.tensors):
+        assert (ta.name, ta.tensor_type, tuple(ta.shape)) == (tb.name, tb.tensor_type, tuple(tb.shape))
+        a, b = np.asarray(ta.data), np.asarray(tb.data)
+        if ta.tensor_type.name == "Q4_0":
+            mask = _field_mask(ta.tensor_type, a.shape[1] // 18, a.shape[0])
+            assert np.array_equal(a[~mask], b[~mask]), ta.name
+        elif ta.name.endswith("norm.weight"):
+            moved_norms += not np.array_equal(a, b)
+    assert moved_norms > 0
+
+
+@pytest.mark.reference
+def test_tune_zero_steps_writes_the_input_unchanged(tiny_pair, calibration_text, tmp_path):
+    base, q = tiny_pair
+    out = tmp_path / "same.gguf"
+    r = _cli(str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--ctx", "64",
+             "--chunks", "6", "--val-chunks", "2", "--steps", "0")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == q.read_bytes()
+
+
+@pytest.mark.reference
+def test_tune_user_errors_are_one_line(tiny_pair, tiny_model, calibration_text, tmp_path):
+    base, q = tiny_pair
+    other = _convert_f32(tiny_model("llama", hidden_size=320), tmp_path / "other.gguf")
+    out = tmp_path / "t.gguf"
+    cases = [
+        ((str(q), "--base", str(other), "--text", str(calibration_text), "-o", str(out)), "differs from"),
+        ((str(q), "--base", str(base), "--text", str(tmp_path / "none.txt"), "-o", str(out)), "no such file"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(q)), "overwrite the input"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--what", "codes"),
+         "choose from"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--chunks", "2",
+          "--val-chunks", "8", "--ctx", "64"), "need more than --val-chunks"),
+    ]
+    for args, msg in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+        assert not out.exists()
+        assert not list(tmp_path.glob(".t.gguf.*"))

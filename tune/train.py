@@ -1,0 +1,215 @@
+"""The tuning loop: KL(base || quantized) on calibration chunks, Adam on relative changes of the float fields.
+
+Parametrisation: a block scale becomes d0 * (1 + u) and a minimum m0 + d0 * v, a norm vector g0 * (1 + u), with
+u = v = 0 at the start. Adam's steps are then relative to each field's own size, so one learning rate suits
+blocks of 1e-4 and norm weights of 3. The loss is the mean per-token KL over positions >= `first` of each chunk,
+the quantized forward rounding its matmul inputs as llama.cpp's CPU backend does (gradients straight through).
+Memory: about three float32 copies of the model plus the activations of one batch; a small-model tool on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tune import TuneError
+from tune.fields import BlockFields, split, tunable, with_fields
+
+WHAT = ("scales", "norms")
+
+
+@dataclass
+class TuneResult:
+    out: Path
+    steps: int
+    best_step: int
+    val_before: float
+    val_best: float
+    train_chunks: int
+    val_chunks: int
+    tensors: int
+    parameters: int
+    seconds: float
+
+    def line(self) -> str:
+        gain = (self.val_best - self.val_before) / self.val_before if self.val_before > 0 else 0.0
+        return (f"tuned {self.tensors} tensors ({self.parameters:,} float fields) for {self.steps} steps; held-out KL "
+                f"{self.val_before:.5f} -> {self.val_best:.5f} ({gain:+.1%}, best at step {self.best_step}, "
+                f"{self.val_chunks} chunks); wrote {self.out} in {self.seconds:.0f}s")
+
+
+def _chunks(gguf_path: Path, texts: Sequence[Path], ctx: int, per_text: int, hp) -> np.ndarray:
+    from verify import VerifyError
+    from verify.text import chunk_tokens, gguf_tokenizer, read_text
+    from verify.torch_engine import chunk_input
+
+    encode = gguf_tokenizer(gguf_path)
+    out = []
+    for t in texts:
+        try:
+            toks = chunk_tokens(encode(read_text(Path(t))), ctx, per_text, bos=hp.bos if hp.add_bos else None,
+                                source=t)
+        except VerifyError as e:
+            raise TuneError(str(e)) from None
+        out.extend(chunk_input(c, hp) for c in toks)
+    return np.stack(out).astype(np.int64)
+
+
+def _check_pair(qm, bm, quant: Path, base: Path) -> None:
+    for key in ("n_vocab", "n_embd", "n_layer"):
+        if getattr(qm.hp, key) != getattr(bm.hp, key):
+            raise TuneError(f"{base}: {key} {getattr(bm.hp, key)} differs from {quant}'s {getattr(qm.hp, key)}; "
+                            f"pass the float model the quantized file was converted from")
+    for name, w in qm.w.items():
+        other = bm.w.get(name)
+        if other is None or tuple(other.shape) != tuple(w.shape):
+            raise TuneError(f"{base}: tensor {name} is missing or has another shape than in {quant}; pass the float "
+                            f"model the quantized file was converted from (the same smoothed checkpoint, if any)")
+
+
+def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, steps: int = 60, lr: float = 1e-4,
+              ctx: int = 512, chunks: int = 40, val_chunks: int = 8, batch: int = 2, what: Sequence[str] = WHAT,
+              eval_every: int = 15, seed: int = 0, threads: int | None = None,
+              log: Callable[[str], None] = print) -> TuneResult:
+    """Tune `quant` against the float `base` GGUF on up to `chunks` chunks of each text; write `out`."""
+    from verify import VerifyError
+    from verify.torch_engine import GGUFModel, read_gguf
+
+    t0 = time.time()
+    quant, base, out = Path(quant), Path(base), Path(out)
+    bad = [w for w in what if w not in WHAT]
+    if bad or not what:
+        raise TuneError(f"--what {','.join(what)}: choose from {', '.join(WHAT)}")
+    if steps < 0 or lr <= 0 or batch < 1 or val_chunks < 1 or ctx < 8:
+        raise TuneError("need --steps >= 0, --lr > 0, --batch >= 1, --val-chunks >= 1 and --ctx >= 8")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        qm = GGUFModel(quant, emulate_ggml=True)
+        bm = GGUFModel(base, emulate_ggml=False)
+    except VerifyError as e:
+        raise TuneError(str(e)) from None
+    _check_pair(qm, bm, quant, base)
+    qm.straight_through = True
+    hp = qm.hp
+    data = _chunks(quant, texts, ctx, chunks, hp)
+    if len(data) < val_chunks + 1:
+        raise TuneError(f"{len(data)} chunks of {ctx} tokens from {len(texts)} text(s): need more than --val-chunks "
+                        f"{val_chunks}; give longer texts or lower --val-chunks")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    val, train = torch.from_numpy(data[order[:val_chunks].numpy()]), torch.from_numpy(data[order[val_chunks:].numpy()])
+    first = min(32, ctx // 4)
+
+    # parameters: relative changes of every tunable block field and norm vector
+    reader = read_gguf(quant)
+    fields: dict[str, tuple[BlockFields, torch.Tensor, torch.Tensor | None]] = {}
+    norms: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if "scales" in what and len(t.shape) == 2 and tunable(t.tensor_type):
+            f = split(np.asarray(t.data), t.tensor_type)
+            fields[t.name] = (f, torch.from_numpy(f.a), None if f.c is None else torch.from_numpy(f.c))
+            deltas[t.name + "#d"] = torch.zeros(f.d.shape, requires_grad=True)
+            if f.c is not None:
+                deltas[t.name + "#m"] = torch.zeros(f.d.shape, requires_grad=True)
+        elif "norms" in what and t.name.endswith("norm.weight") and t.tensor_type.name == "F32":
+            norms[t.name] = qm.w[t.name].clone()
+            deltas[t.name] = torch.zeros_like(norms[t.name], requires_grad=True)
+    if not deltas:
+        raise TuneError(f"{quant}: no tunable tensors ({', '.join(what)}); tunable block types: scales of "
+                        f"Q4_0..Q8_0, IQ4_NL/XS and the K-quants")
+    d0 = {n: torch.from_numpy(f.d) for n, (f, _, _) in fields.items()}
+    m0 = {n: torch.from_numpy(f.m) for n, (f, _, _) in fields.items() if f.m is not None}
+
+    def apply() -> None:
+        for n, (_, a, c) in fields.items():
+            d = d0[n] * (1 + deltas[n + "#d"])
+            w = a * d[..., None]
+            if c is not None:
+                w = w + c * (m0[n] + d0[n] * deltas[n + "#m"])[..., None]
+            qm.w[n] = w.reshape(qm.w[n].shape)
+        for n, g in norms.items():
+            qm.w[n] = g * (1 + deltas[n])
+
+    def logits(m, x: torch.Tensor) -> torch.Tensor:
+        h = m.embed(x)
+        for i in range(hp.n_layer):
+            h = m.layer(h, i)
+        return torch.log_softmax(m.head(h[:, first:]), dim=-1)
+
+    def kl(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            lb = logits(bm, x)
+        return (lb.exp() * (lb - logits(qm, x))).sum(-1).mean()
+
+    def val_kl() -> float:
+        with torch.no_grad():
+            apply()
+            parts = [float(kl(val[i:i + batch])) * len(val[i:i + batch]) for i in range(0, len(val), batch)]
+        return sum(parts) / len(val)
+
+    params = list(deltas.values())
+    opt = torch.optim.Adam(params, lr=lr)
+    before = best = val_kl()
+    best_step, best_state = 0, [p.detach().clone() for p in params]
+    log(f"tune: {len(fields)} block tensors, {len(norms)} norms, {sum(p.numel() for p in params):,} fields; "
+        f"{len(train)} training and {len(val)} held-out chunks of {ctx}; held-out KL {before:.5f}")
+    for step in range(1, steps + 1):
+        idx = [(step - 1) * batch + j for j in range(batch)]
+        x = train[[i % len(train) for i in idx]]
+        apply()
+        loss = kl(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            v = val_kl()
+            log(f"tune: step {step}/{steps} training KL {float(loss.detach()):.5f}, held-out {v:.5f} "
+                f"({time.time() - t0:.0f}s)")
+            if v < best:
+                best, best_step, best_state = v, step, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, best_state):
+            p.copy_(s)
+    _write(reader, out, fields, deltas, d0, m0, norms)
+    return TuneResult(out, steps, best_step, before, best, len(train), len(val), len(fields) + len(norms),
+                      sum(p.numel() for p in params), time.time() - t0)
+
+
+def _write(reader, out: Path, fields, deltas, d0, m0, norms) -> None:
+    import gguf
+
+    from outputs import atomic_path
+
+    new: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for n, (f, _, _) in fields.items():
+            d = (d0[n] * (1 + deltas[n + "#d"])).numpy()
+            m = None if f.m is None else (m0[n] + d0[n] * deltas[n + "#m"]).numpy()
+            t = next(t for t in reader.tensors if t.name == n)
+            new[n] = with_fields(np.asarray(t.data), t.tensor_type, d, m, name=n)
+        for n, g in norms.items():
+            new[n] = (g * (1 + deltas[n])).numpy().astype(np.float32)
+    arch = str(reader.fields["general.architecture"].contents())
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch=arch)
+        for f in reader.fields.values():
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue
+            vt = f.types[0]
+            w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        for t in reader.tensors:
+            w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            data = new.get(t.name)
+            w.write_tensor_data(t.data if data is None else data.reshape(t.data.shape))
+        w.close()

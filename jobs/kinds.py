@@ -206,6 +206,22 @@ def _smooth(p: dict[str, Any], ws: Path) -> Command:
     return Command(argv, outputs={"model": _rel(ws, out), "imatrix": _rel(ws, im_out)})
 
 
+def _tune(p: dict[str, Any], ws: Path) -> Command:
+    """The converted file with its block scales and norms fitted end to end (docs/tuning.md)."""
+    gguf = _path(ws, p.get("gguf"), "gguf")
+    base = _path(ws, p.get("base"), "base")
+    texts = p.get("texts") or p.get("text") or "texts/calibration.txt"
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = _path(ws, p.get("output") or f"gguf/{gguf.stem}-tuned.gguf", "output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = _py("-m", "tune", str(gguf), "--base", str(base), "-o", str(out))
+    for t in texts:
+        argv += ["--text", str(_path(ws, t, "texts"))]
+    for key in ("steps", "lr", "chunks", "val_chunks", "ctx", "what"):
+        _opt(argv, "--" + key.replace("_", "-"), p.get(key))
+    return Command(argv, outputs={"gguf": _rel(ws, out)})
+
+
 KINDS: dict[str, Kind] = {
     "download": Kind("download", _download, resumable=True, needs_token=True,
                      description="download a Hugging Face repo (only the files conversion needs)"),
@@ -215,6 +231,8 @@ KINDS: dict[str, Kind] = {
     "measure": Kind("measure", _measure, resumable=True, description="per-tensor error for every type"),
     "strategy": Kind("strategy", _strategy, resumable=False, description="choose a type per tensor"),
     "convert": Kind("convert", _convert, resumable=False, description="write the mixed-precision GGUF"),
+    "tune": Kind("tune", _tune, resumable=False,
+                 description="fit a converted file's block scales and norms end to end (same types and size)"),
     "verify": Kind("verify", _verify, resumable=False, description="KLD of GGUFs against the original"),
 }
 

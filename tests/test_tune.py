@@ -159,3 +159,19 @@ def test_tune_user_errors_are_one_line(tiny_pair, tiny_model, calibration_text, 
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
         assert not out.exists()
         assert not list(tmp_path.glob(".t.gguf.*"))
+
+
+@pytest.mark.reference
+def test_tune_job_runs_and_reports_progress(tiny_pair, calibration_text, tmp_path):
+    """The jobs kind builds a command that runs as is, writes the file it names, and prints parseable progress."""
+    from jobs.kinds import KINDS, parse_progress
+
+    base, q = tiny_pair
+    cmd = KINDS["tune"].build({"gguf": str(q), "base": str(base), "texts": [str(calibration_text)], "steps": 4,
+                               "lr": 1e-3, "ctx": 64, "chunks": 6, "val_chunks": 2}, tmp_path)
+    assert cmd.outputs == {"gguf": f"gguf/{q.stem}-tuned.gguf"}
+    p = subprocess.run(cmd.argv + ["--eval-every", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / cmd.outputs["gguf"]).is_file()
+    fractions = [f for f, _ in map(parse_progress, p.stdout.splitlines()) if f is not None]
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)

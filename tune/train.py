@@ -160,6 +160,7 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
     best_step, best_state = 0, [p.detach().clone() for p in params]
     log(f"tune: {len(fields)} block tensors, {len(norms)} norms, {sum(p.numel() for p in params):,} fields; "
         f"{len(train)} training and {len(val)} held-out chunks of {ctx}; held-out KL {before:.5f}")
+    t_loop = time.time()
     for step in range(1, steps + 1):
         idx = [(step - 1) * batch + j for j in range(batch)]
         x = train[[i % len(train) for i in idx]]
@@ -170,8 +171,9 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
         opt.step()
         if step % eval_every == 0 or step == steps:
             v = val_kl()
+            spent = time.time() - t_loop
             log(f"tune: step {step}/{steps} training KL {float(loss.detach()):.5f}, held-out {v:.5f} "
-                f"({time.time() - t0:.0f}s)")
+                f"({time.time() - t0:.0f}s, ETA {spent / step * (steps - step):.0f}s)")
             if v < best:
                 best, best_step, best_state = v, step, [p.detach().clone() for p in params]
     with torch.no_grad():

@@ -4,13 +4,13 @@ are one line with nothing written."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import convert_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 RNG = np.random.default_rng(7)
@@ -65,22 +65,11 @@ def test_fields_errors():
         with_fields(raw, quants.parse_type("Q8_0"), np.full((2, 2), 1e6, np.float32), name="blk.0.x")
 
 
-def _convert_f32(hf_dir: Path, out: Path) -> Path:
-    from llamacpp.upstream import find_sources
-
-    src = find_sources()
-    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
-    res = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f32",
-                          "--outfile", str(out)], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_model, reference, tmp_path_factory):
     """(f32 base GGUF, llama-quantize --pure Q4_0 of it)."""
     d = tmp_path_factory.mktemp("tune")
-    base = _convert_f32(tiny_model("llama"), d / "base.gguf")
+    base = convert_upstream(tiny_model("llama"), d / "base.gguf")
     q = d / "q4_0.gguf"
     res = subprocess.run([str(reference.tool("llama-quantize")), "--pure", str(base), str(q), "Q4_0"],
                          capture_output=True, text=True)
@@ -141,7 +130,7 @@ def test_tune_zero_steps_writes_the_input_unchanged(tiny_pair, calibration_text,
 @pytest.mark.reference
 def test_tune_user_errors_are_one_line(tiny_pair, tiny_model, calibration_text, tmp_path):
     base, q = tiny_pair
-    other = _convert_f32(tiny_model("llama", hidden_size=320), tmp_path / "other.gguf")
+    other = convert_upstream(tiny_model("llama", hidden_size=320), tmp_path / "other.gguf")
     out = tmp_path / "t.gguf"
     cases = [
         ((str(q), "--base", str(other), "--text", str(calibration_text), "-o", str(out)), "differs from"),

@@ -4,7 +4,6 @@ probe API. Tiny generated models (tests/tiny_models.py) converted with llama.cpp
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,21 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import convert_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 CTX, CHUNKS = 128, 4
-
-
-def convert_upstream(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
-    """HF dir -> GGUF with upstream convert_hf_to_gguf.py (the reference conversion)."""
-    from llamacpp.upstream import find_sources
-
-    src = find_sources()
-    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
-    res = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
-                          "--outfile", str(out)], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
 
 
 def llama_quantize(reference, src: Path, dst: Path, qtype: str, *extra: str) -> Path:

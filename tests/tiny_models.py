@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +105,15 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(make_tiny_model(args.arch, args.out, seed=args.seed))
+
+
+def convert_upstream(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    """HF dir -> GGUF with upstream convert_hf_to_gguf.py (the reference conversion)."""
+    from llamacpp.upstream import find_sources
+
+    src = find_sources()
+    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
+    res = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
+                          "--outfile", str(out)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out

@@ -403,12 +403,13 @@ class Bench:
         code = key_of(*(sha_file(p) for p in sorted((ROOT / "tune").glob("*.py"))),
                       sha_file(ROOT / "verify" / "torch_engine.py"))
         k = key_of(converted.name, a.tune_steps, a.tune_lr, a.imatrix_chunks, a.imatrix_ctx, self.calib_sha,
-                   a.sample_tokens, code)
+                   a.sample_tokens, code, a.tune_what, a.tune_code_lr)
         out = converted.with_name(f"{converted.stem}-tune-{k}.gguf")
 
         def make(tmp: Path) -> None:
             res = subprocess.run([sys.executable, "-m", "tune", converted, "--base", self.ours_base(), *texts,
                                   "-o", tmp, "--steps", str(a.tune_steps), "--lr", str(a.tune_lr),
+                                  "--what", a.tune_what, "--code-lr", str(a.tune_code_lr),
                                   "--chunks", str(a.imatrix_chunks), "--ctx", str(a.imatrix_ctx),
                                   "--threads", str(self.threads)], cwd=ROOT, text=True, capture_output=True)
             if res.returncode != 0:
@@ -600,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps of `python -m tune` on the calibrated file (block scales and norms fitted end to end "
                          "on the calibration text and the samples); 0: no tuning")
     ap.add_argument("--tune-lr", type=float, default=1e-4)
+    ap.add_argument("--tune-what", default="scales,norms",
+                    help="what `python -m tune` fits: scales, norms, codes (comma-separated)")
+    ap.add_argument("--tune-code-lr", type=float, default=0.002, help="tune's --code-lr (with codes)")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=40,
                     help="evaluation chunks of --eval-ctx tokens; 10 chunks (2,550 scored tokens) flipped the Q6_K "

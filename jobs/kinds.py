@@ -217,7 +217,7 @@ def _tune(p: dict[str, Any], ws: Path) -> Command:
     argv = _py("-m", "tune", str(gguf), "--base", str(base), "-o", str(out))
     for t in texts:
         argv += ["--text", str(_path(ws, t, "texts"))]
-    for key in ("steps", "lr", "chunks", "val_chunks", "ctx", "what"):
+    for key in ("steps", "lr", "chunks", "val_chunks", "ctx", "what", "code_lr"):
         _opt(argv, "--" + key.replace("_", "-"), p.get(key))
     return Command(argv, outputs={"gguf": _rel(ws, out)})
 
@@ -232,7 +232,7 @@ KINDS: dict[str, Kind] = {
     "strategy": Kind("strategy", _strategy, resumable=False, description="choose a type per tensor"),
     "convert": Kind("convert", _convert, resumable=False, description="write the mixed-precision GGUF"),
     "tune": Kind("tune", _tune, resumable=False,
-                 description="fit a converted file's block scales and norms end to end (same types and size)"),
+                 description="fit a converted file's block scales, norms (and codes) end to end (same types and size)"),
     "verify": Kind("verify", _verify, resumable=False, description="KLD of GGUFs against the original"),
 }
 

@@ -53,6 +53,67 @@ def test_fields_split_and_write_back(name):
     assert not np.array_equal(raw2[mask], raw[mask])
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K",
+                                  "Q4_K", "Q5_K", "Q6_K"])
+def test_codes_split_and_write_back(name):
+    """a = s * T[rank] exactly; the same ranks write the same bytes; moved ranks decode to the moved levels and
+    change only the code bits."""
+    import quants
+    from tune.fields import levels_by_rank, split, with_fields
+
+    qt = quants.parse_type(name)
+    rows, k = 3, 512
+    w = RNG.standard_normal((rows, k)).astype(np.float32)
+    raw = quants.quantize(w, qt, RNG.random(k).astype(np.float32) + 0.1 if quants.requires_importance(qt) else None)
+    f = split(raw, qt, codes=True)
+    values = levels_by_rank(qt)
+    unit = 1.0 if f.s is None else f.s
+    np.testing.assert_array_equal(f.a, unit * values[f.rank])
+    assert (f.s is None) == (name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
+    assert np.array_equal(with_fields(raw, qt, f.d, f.m, rank=f.rank), raw)
+    moved = f.rank.astype(np.int64) + RNG.choice([-1, 0, 1], size=f.rank.shape)
+    moved = np.clip(moved, 0, len(values) - 1)
+    assert (moved != f.rank).mean() > 0.5
+    raw2 = with_fields(raw, qt, f.d, f.m, rank=moved)
+    expect = (unit * values[moved]) * f.d[..., None]
+    if f.c is not None:
+        expect = expect + f.c * f.m[..., None]
+    np.testing.assert_allclose(quants.dequantize(raw2, qt).reshape(rows, -1), expect.reshape(rows, -1),
+                               rtol=1e-6, atol=1e-7)
+    # only code bits moved: the fp16 fields (and every sub-block scale, checked by the decode above) are intact
+    mask = _field_mask(qt, k // quants.block_size(qt), rows)
+    assert np.array_equal(raw2[mask], raw[mask])
+
+
+@pytest.mark.parametrize("name", ["Q5_1", "Q4_K", "IQ4_NL"])
+def test_rank_offsets_place_float_weights_between_levels(name):
+    """The code latents start where the float weight sits (nearest-rounded codes: inside +-0.5 of their own rank,
+    on the side of the float weight); a code the float weight is not nearest to starts at its centre."""
+    import torch
+
+    import quants
+    from tune.fields import levels_by_rank, split
+    from tune.train import _rank_offsets
+
+    qt = quants.parse_type(name)
+    w = RNG.standard_normal((4, 256)).astype(np.float32)
+    raw = quants.quantize(w, qt, None)
+    f = split(raw, qt, codes=True)
+    values = torch.from_numpy(levels_by_rank(qt))
+    off = _rank_offsets(f, values, torch.from_numpy(w)).numpy()
+    assert np.abs(off).max() <= 0.49 and np.abs(off).mean() > 0.1
+    deq = f.weights().reshape(w.shape)
+    unit = f.d[..., None] * (1.0 if f.s is None else f.s)  # negative for some IQ4 blocks: ranks run the other way
+    err = (w - deq).reshape(off.shape) * np.sign(unit)
+    inside = off != 0
+    assert inside.mean() > 0.8
+    assert (np.sign(off[inside]) == np.sign(err[inside])).mean() > 0.99  # the float weight's side of its level
+    far = f.rank.astype(np.int64).copy()
+    far[0, 0, 0] = min(far[0, 0, 0] + 3, len(values) - 1) if far[0, 0, 0] < 3 else far[0, 0, 0] - 3
+    f.rank = far.astype(np.int16)
+    assert _rank_offsets(f, values, torch.from_numpy(w)).numpy()[0, 0, 0] == 0
+
+
 def test_fields_errors():
     import quants
     from tune import TuneError
@@ -118,6 +179,45 @@ def test_tune_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibration_t
 
 
 @pytest.mark.reference
+@pytest.mark.slow
+def test_tune_codes_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibration_text, evaluation_text,
+                                                     tmp_path):
+    """Codes tuned straight through their rounding: codes change, the file keeps its types and size, held-out
+    KL falls, and llama.cpp measures the file closer to the base on text the tuning never read."""
+    import gguf
+
+    from verify.llamacpp_engine import LlamaCppEngine
+
+    base, q = tiny_pair
+    out = tmp_path / "tuned.gguf"
+    r = _cli(str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--ctx", "128",
+             "--chunks", "24", "--val-chunks", "4", "--steps", "40", "--what", "codes", "--code-lr", "0.003",
+             "--eval-every", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = (float(x) for x in r.stdout.rsplit("held-out KL ", 1)[1].split(" (")[0].split(" -> "))
+    n_changed = int(r.stdout.rsplit(" codes changed", 1)[0].rsplit(", ", 1)[1].replace(",", ""))
+    assert after < 0.95 * before and n_changed > 0, r.stdout
+    eng = LlamaCppEngine(reference.tool("llama-perplexity"), threads=2)
+    eng.run_base(base, evaluation_text, 128, 16, tmp_path / "base.kld")
+    k_in = eng.compare(q, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
+    k_out = eng.compare(out, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
+    assert k_out < k_in, (k_in, k_out)
+    ra, rb = gguf.GGUFReader(q), gguf.GGUFReader(out)
+    assert out.stat().st_size == q.stat().st_size
+    diff = 0
+    for ta, tb in zip(ra.tensors, rb.tensors):
+        assert (ta.name, ta.tensor_type, tuple(ta.shape)) == (tb.name, tb.tensor_type, tuple(tb.shape))
+        a, b = np.asarray(ta.data), np.asarray(tb.data)
+        if ta.tensor_type.name == "Q4_0":
+            mask = _field_mask(ta.tensor_type, a.shape[1] // 18, a.shape[0])
+            assert np.array_equal(a[mask], b[mask]), ta.name  # scales not tuned: only codes moved
+            diff += int((a != b).sum())
+        else:
+            assert np.array_equal(a, b), ta.name  # norms not tuned
+    assert diff > 0
+
+
+@pytest.mark.reference
 def test_tune_zero_steps_writes_the_input_unchanged(tiny_pair, calibration_text, tmp_path):
     base, q = tiny_pair
     out = tmp_path / "same.gguf"
@@ -136,8 +236,10 @@ def test_tune_user_errors_are_one_line(tiny_pair, tiny_model, calibration_text, 
         ((str(q), "--base", str(other), "--text", str(calibration_text), "-o", str(out)), "differs from"),
         ((str(q), "--base", str(base), "--text", str(tmp_path / "none.txt"), "-o", str(out)), "no such file"),
         ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(q)), "overwrite the input"),
-        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--what", "codes"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--what", "bias"),
          "choose from"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--what", "codes",
+          "--code-lr", "0"), "--code-lr > 0"),
         ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--chunks", "2",
           "--val-chunks", "8", "--ctx", "64"), "need more than --val-chunks"),
     ]

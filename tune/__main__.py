@@ -1,7 +1,7 @@
 """CLI.
 
     python -m tune QUANT.gguf --base MODEL_DIR|BASE.gguf --text calibration.txt [--text samples.txt] -o tuned.gguf
-        [--steps 60] [--lr 1e-4] [--chunks 40] [--val-chunks 8] [--ctx 512] [--what scales,norms]
+        [--steps 60] [--lr 1e-4] [--chunks 40] [--val-chunks 8] [--ctx 512] [--what scales,norms[,codes]]
 
 The base is the float model the quantized file was converted from: an HF checkpoint directory (converted once
 with llama.cpp's converter, cached) or a float GGUF. For a smoothed checkpoint, that checkpoint.
@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=15)
-    p.add_argument("--what", default="scales,norms", help="scales (block d/m fields), norms (F32 norm vectors)")
+    p.add_argument("--what", default="scales,norms",
+                   help="scales (block d/m fields), norms (F32 norm vectors), codes (each weight's level code, "
+                        "straight through its rounding; docs/tuning.md)")
+    p.add_argument("--code-lr", type=float, default=0.02,
+                   help="Adam step for codes, in levels per step (a code changes after half a level; default 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     return p
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.output.resolve() == a.quant.resolve():
             raise TuneError(f"{a.output}: the output would overwrite the input; choose another -o")
         res = tune_gguf(a.quant, base, a.text, a.output, steps=a.steps, lr=a.lr, ctx=a.ctx, chunks=a.chunks,
-                        val_chunks=a.val_chunks, batch=a.batch, what=[w.strip() for w in a.what.split(",") if w.strip()],
+                        val_chunks=a.val_chunks, batch=a.batch, what=[w.strip() for w in a.what.split(",") if w.strip()], code_lr=a.code_lr,
                         eval_every=max(1, a.eval_every), seed=a.seed, threads=a.threads,
                         log=lambda s: print(s, flush=True))
     except (TuneError, VerifyError, QuantInputError) as e:

@@ -5,6 +5,11 @@ K-quants, the 6-bit sub-block scales): d is the block's (super-block's) fp16 sca
 (`dmin` for K-quants; absent for symmetric types). Decoding the block once with (d, m) = (1, 0) and once with
 (0, 1) gives a and b exactly, with gguf-py's own dequantizer, so no per-type decoding is written here: only
 where in the block the two fields sit (ggml-common.h's block structs).
+
+For tuning the codes too, a is further split as a = s * T[code]: s the per-weight unit scale (the sub-block
+scale of K-quants, 1 for the 32-block types), T the type's level table (`quants.levels`, which also packs changed
+codes back into the same bytes). Codes are held as their rank among the allowed levels, so a step of one rank is
+the next level up or down, also for IQ4's non-uniform table.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 import quants
+from quants import levels
 from tune import TuneError
 
 # type -> byte offsets of (d, m) in one block; m None for symmetric types
@@ -38,6 +44,8 @@ class BlockFields:
     c: np.ndarray | None   # same, or None for symmetric types
     d: np.ndarray          # (rows, blocks) float32 (the stored fp16 values)
     m: np.ndarray | None
+    rank: np.ndarray | None = None   # (rows, blocks, block_size) int16: each code's rank among the allowed levels
+    s: np.ndarray | None = None      # same shape, float32 unit scale (None: 1 for every weight)
 
     def weights(self, d: np.ndarray | None = None, m: np.ndarray | None = None) -> np.ndarray:
         d = self.d if d is None else d
@@ -69,8 +77,15 @@ def _put(raw: np.ndarray, bpb: int, off: int, values: np.ndarray) -> np.ndarray:
     return blocks.reshape(raw.shape)
 
 
-def split(raw: np.ndarray, qtype: GGMLQuantizationType) -> BlockFields:
-    """uint8 (rows, row_bytes) -> its fields; `weights()` then equals quants.dequantize(raw) exactly."""
+def levels_by_rank(qtype: GGMLQuantizationType) -> np.ndarray:
+    """The level values T[c] of the codes a weight may take, in rising order (index = rank)."""
+    lay = levels.layout(qtype)
+    return lay.table[lay.allowed].astype(np.float32)
+
+
+def split(raw: np.ndarray, qtype: GGMLQuantizationType, codes: bool = False) -> BlockFields:
+    """uint8 (rows, row_bytes) -> its fields; `weights()` then equals quants.dequantize(raw) exactly.
+    With `codes`, also each weight's code rank and unit scale (a = s * levels_by_rank[rank])."""
     bs, bpb, doff, moff = _layout(raw, qtype)
     rows = raw.shape[0]
     d = _get(raw, bpb, doff)
@@ -83,13 +98,33 @@ def split(raw: np.ndarray, qtype: GGMLQuantizationType) -> BlockFields:
         unit_m = _put(_put(raw, bpb, doff, zero), bpb, moff, one)
         c = quants.dequantize(unit_m, qtype).reshape(rows, -1, bs).astype(np.float32)
     a = quants.dequantize(unit_d, qtype).reshape(rows, -1, bs).astype(np.float32)
-    return BlockFields(qtype, a, c, d, m)
+    rank = s = None
+    if codes:
+        lay = levels.layout(qtype)
+        blocks = raw.reshape(-1, bpb)
+        rank_of = np.full(len(lay.table), -1, dtype=np.int16)
+        rank_of[lay.allowed] = np.arange(len(lay.allowed))
+        rank = rank_of[levels.unpack_codes(blocks, qtype)]
+        if (rank < 0).any():  # a code ggml never writes (Q8_0's -128): keep such tensors' codes fixed
+            raise TuneError(f"{qtype.name}: a block holds a level code outside the type's usual range; tune "
+                            f"this file without codes")
+        unit = levels.grid(unit_d.reshape(-1, bpb), qtype)[0].astype(np.float32)
+        rank = rank.reshape(rows, -1, bs)
+        s = None if np.all(unit == 1) else unit.reshape(rows, -1, bs)
+    return BlockFields(qtype, a, c, d, m, rank, s)
 
 
 def with_fields(raw: np.ndarray, qtype: GGMLQuantizationType, d: np.ndarray, m: np.ndarray | None = None,
-                name: str = "tensor") -> np.ndarray:
-    """raw with its d (and m) fields replaced by fp16(d), fp16(m); every other byte unchanged."""
+                name: str = "tensor", rank: np.ndarray | None = None) -> np.ndarray:
+    """raw with its d (and m) fields replaced by fp16(d), fp16(m), and with `rank` its level codes (by rank, as
+    `split(codes=True)` gives them); every other byte unchanged."""
     _, bpb, doff, moff = _layout(raw, qtype)
+    if rank is not None:
+        lay = levels.layout(qtype)
+        r = np.asarray(rank).reshape(-1, lay.block)
+        if r.min() < 0 or r.max() >= len(lay.allowed):
+            raise TuneError(f"{name}: a tuned code rank is outside 0..{len(lay.allowed) - 1}")
+        raw = levels.pack_codes(raw.reshape(-1, bpb), lay.allowed[r], qtype).reshape(raw.shape)
     for what, v in (("scale", d), ("minimum", m)):
         if v is not None and not np.all(np.abs(v) < 65504):
             raise TuneError(f"{name}: a tuned block {what} left fp16's range (or is NaN); tune with a smaller --lr")

@@ -5,6 +5,12 @@ u = v = 0 at the start. Adam's steps are then relative to each field's own size,
 blocks of 1e-4 and norm weights of 3. The loss is the mean per-token KL over positions >= `first` of each chunk,
 the quantized forward rounding its matmul inputs as llama.cpp's CPU backend does (gradients straight through).
 Memory: about three float32 copies of the model plus the activations of one batch; a small-model tool on CPU.
+
+Codes (`what` with "codes"): each weight's level code becomes a float rank p, rounded in the forward pass and
+passed straight through in the backward one (a = s * T[round(p)], gradient as if a = s * T'(p) * p). Adam with
+`code_lr` (in ranks per step) moves p from the code's own rank; a code changes only once its rank has moved half a
+level, so a small code_lr flips just the weights whose gradient keeps its sign. Another float copy of the model,
+and Adam's two, on top; the written file keeps every type and size.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import numpy as np
 import torch
 
 from tune import TuneError
-from tune.fields import BlockFields, split, tunable, with_fields
+from tune.fields import BlockFields, levels_by_rank, split, tunable, with_fields
 
-WHAT = ("scales", "norms")
+WHAT = ("scales", "norms", "codes")
+DEFAULT_WHAT = ("scales", "norms")
 
 
 @dataclass
@@ -28,6 +35,7 @@ class TuneResult:
     out: Path
     steps: int
     best_step: int
+    codes_changed: int
     val_before: float
     val_best: float
     train_chunks: int
@@ -38,9 +46,10 @@ class TuneResult:
 
     def line(self) -> str:
         gain = (self.val_best - self.val_before) / self.val_before if self.val_before > 0 else 0.0
-        return (f"tuned {self.tensors} tensors ({self.parameters:,} float fields) for {self.steps} steps; held-out KL "
+        codes = f", {self.codes_changed:,} codes changed" if self.codes_changed else ""
+        return (f"tuned {self.tensors} tensors ({self.parameters:,} parameters) for {self.steps} steps; held-out KL "
                 f"{self.val_before:.5f} -> {self.val_best:.5f} ({gain:+.1%}, best at step {self.best_step}, "
-                f"{self.val_chunks} chunks); wrote {self.out} in {self.seconds:.0f}s")
+                f"{self.val_chunks} chunks{codes}); wrote {self.out} in {self.seconds:.0f}s")
 
 
 def _chunks(gguf_path: Path, texts: Sequence[Path], ctx: int, per_text: int, hp) -> np.ndarray:
@@ -60,6 +69,25 @@ def _chunks(gguf_path: Path, texts: Sequence[Path], ctx: int, per_text: int, hp)
     return np.stack(out).astype(np.int64)
 
 
+def _rank_offsets(f: BlockFields, values: torch.Tensor, float_w: torch.Tensor) -> torch.Tensor:
+    """Where each float weight sits between its code's neighbouring levels, in ranks, kept inside the code's own
+    rounding interval: codes whose float weight lies near a level boundary are the first to flip, one by one as
+    their offsets cross it, not all after the same number of equal Adam steps."""
+    rank = torch.from_numpy(f.rank.astype(np.float32))
+    unit = torch.from_numpy(f.d)[..., None] * (1.0 if f.s is None else torch.from_numpy(f.s))
+    w = float_w.reshape(f.rank.shape)
+    if f.c is not None:
+        w = w - torch.from_numpy(f.c) * torch.from_numpy(f.m)[..., None]
+    level = torch.where(unit != 0, w / torch.where(unit != 0, unit, 1), values[rank.long()])
+    lo, hi = values[:-1], values[1:]
+    j = torch.searchsorted(values, level.contiguous()).clamp(1, len(values) - 1)  # level in [values[j-1], values[j]]
+    pos = (j - 1) + ((level - lo[j - 1]) / (hi[j - 1] - lo[j - 1])).clamp(0, 1)
+    off = pos - rank
+    # a float weight outside its code's interval: the code was chosen by error compensation (or is clipped), and
+    # where the float weight lies says nothing about which neighbour is closer to a flip
+    return torch.where(off.abs() <= 0.5, off.clamp(-0.49, 0.49), torch.zeros_like(off))
+
+
 def _check_pair(qm, bm, quant: Path, base: Path) -> None:
     for key in ("n_vocab", "n_embd", "n_layer"):
         if getattr(qm.hp, key) != getattr(bm.hp, key):
@@ -73,7 +101,8 @@ def _check_pair(qm, bm, quant: Path, base: Path) -> None:
 
 
 def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, steps: int = 60, lr: float = 1e-4,
-              ctx: int = 512, chunks: int = 40, val_chunks: int = 8, batch: int = 2, what: Sequence[str] = WHAT,
+              ctx: int = 512, chunks: int = 40, val_chunks: int = 8, batch: int = 2,
+              what: Sequence[str] = DEFAULT_WHAT, code_lr: float = 0.02,
               eval_every: int = 15, seed: int = 0, threads: int | None = None,
               log: Callable[[str], None] = print) -> TuneResult:
     """Tune `quant` against the float `base` GGUF on up to `chunks` chunks of each text; write `out`."""
@@ -85,8 +114,8 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
     bad = [w for w in what if w not in WHAT]
     if bad or not what:
         raise TuneError(f"--what {','.join(what)}: choose from {', '.join(WHAT)}")
-    if steps < 0 or lr <= 0 or batch < 1 or val_chunks < 1 or ctx < 8:
-        raise TuneError("need --steps >= 0, --lr > 0, --batch >= 1, --val-chunks >= 1 and --ctx >= 8")
+    if steps < 0 or lr <= 0 or code_lr <= 0 or batch < 1 or val_chunks < 1 or ctx < 8:
+        raise TuneError("need --steps >= 0, --lr > 0, --code-lr > 0, --batch >= 1, --val-chunks >= 1 and --ctx >= 8")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -111,13 +140,22 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
     fields: dict[str, tuple[BlockFields, torch.Tensor, torch.Tensor | None]] = {}
     norms: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
     for t in reader.tensors:
-        if "scales" in what and len(t.shape) == 2 and tunable(t.tensor_type):
-            f = split(np.asarray(t.data), t.tensor_type)
+        if ("scales" in what or "codes" in what) and len(t.shape) == 2 and tunable(t.tensor_type):
+            f = split(np.asarray(t.data), t.tensor_type, codes="codes" in what)
             fields[t.name] = (f, torch.from_numpy(f.a), None if f.c is None else torch.from_numpy(f.c))
-            deltas[t.name + "#d"] = torch.zeros(f.d.shape, requires_grad=True)
-            if f.c is not None:
-                deltas[t.name + "#m"] = torch.zeros(f.d.shape, requires_grad=True)
+            if "scales" in what:
+                deltas[t.name + "#d"] = torch.zeros(f.d.shape, requires_grad=True)
+                if f.c is not None:
+                    deltas[t.name + "#m"] = torch.zeros(f.d.shape, requires_grad=True)
+            if f.rank is not None:
+                values = torch.from_numpy(levels_by_rank(t.tensor_type))
+                lo, hi = torch.cat([values[:1], values[:-1]]), torch.cat([values[1:], values[-1:]])
+                slope = (hi - lo) / torch.tensor([1.0] + [2.0] * (len(values) - 2) + [1.0])
+                ranks[t.name] = (torch.from_numpy(f.rank.astype(np.float32)),
+                                 None if f.s is None else torch.from_numpy(f.s), values, slope)
+                deltas[t.name + "#p"] = _rank_offsets(f, values, bm.w[t.name]).requires_grad_(True)
         elif "norms" in what and t.name.endswith("norm.weight") and t.tensor_type.name == "F32":
             norms[t.name] = qm.w[t.name].clone()
             deltas[t.name] = torch.zeros_like(norms[t.name], requires_grad=True)
@@ -127,12 +165,25 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
     d0 = {n: torch.from_numpy(f.d) for n, (f, _, _) in fields.items()}
     m0 = {n: torch.from_numpy(f.m) for n, (f, _, _) in fields.items() if f.m is not None}
 
+    def rank_of(n: str) -> torch.Tensor:
+        return (ranks[n][0] + deltas[n + "#p"].detach()).round().clamp(0, len(ranks[n][2]) - 1)
+
+    def unit_codes(n: str) -> torch.Tensor:
+        """a = s * T[round(p)], its gradient passed straight through the rounding."""
+        r0, s_unit, values, slope = ranks[n]
+        p = deltas[n + "#p"]
+        idx = rank_of(n).long()
+        a = values[idx] + slope[idx] * (p - p.detach())
+        return a if s_unit is None else a * s_unit
+
     def apply() -> None:
         for n, (_, a, c) in fields.items():
-            d = d0[n] * (1 + deltas[n + "#d"])
+            if n in ranks:
+                a = unit_codes(n)
+            d = d0[n] * (1 + deltas[n + "#d"]) if n + "#d" in deltas else d0[n]
             w = a * d[..., None]
             if c is not None:
-                w = w + c * (m0[n] + d0[n] * deltas[n + "#m"])[..., None]
+                w = w + c * (m0[n] + d0[n] * deltas[n + "#m"] if n + "#m" in deltas else m0[n])[..., None]
             qm.w[n] = w.reshape(qm.w[n].shape)
         for n, g in norms.items():
             qm.w[n] = g * (1 + deltas[n])
@@ -155,11 +206,19 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
         return sum(parts) / len(val)
 
     params = list(deltas.values())
-    opt = torch.optim.Adam(params, lr=lr)
+    code_params = [deltas[n + "#p"] for n in ranks]
+    groups = [{"params": [p for p in params if all(p is not q for q in code_params)], "lr": lr}]
+    if code_params:
+        groups.append({"params": code_params, "lr": code_lr})
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     before = best = val_kl()
     best_step, best_state = 0, [p.detach().clone() for p in params]
-    log(f"tune: {len(fields)} block tensors, {len(norms)} norms, {sum(p.numel() for p in params):,} fields; "
+    log(f"tune: {len(fields)} block tensors, {len(norms)} norms, {sum(p.numel() for p in params):,} parameters "
+        f"({', '.join(what)}); "
         f"{len(train)} training and {len(val)} held-out chunks of {ctx}; held-out KL {before:.5f}")
+    def changed() -> int:
+        return sum(int((rank_of(n) != ranks[n][0]).sum()) for n in ranks)
+
     t_loop = time.time()
     for step in range(1, steps + 1):
         idx = [(step - 1) * batch + j for j in range(batch)]
@@ -172,19 +231,21 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
         if step % eval_every == 0 or step == steps:
             v = val_kl()
             spent = time.time() - t_loop
-            log(f"tune: step {step}/{steps} training KL {float(loss.detach()):.5f}, held-out {v:.5f} "
+            moved = f", {changed():,} codes changed" if ranks else ""
+            log(f"tune: step {step}/{steps} training KL {float(loss.detach()):.5f}, held-out {v:.5f}{moved} "
                 f"({time.time() - t0:.0f}s, ETA {spent / step * (steps - step):.0f}s)")
             if v < best:
                 best, best_step, best_state = v, step, [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, s in zip(params, best_state):
             p.copy_(s)
-    _write(reader, out, fields, deltas, d0, m0, norms)
-    return TuneResult(out, steps, best_step, before, best, len(train), len(val), len(fields) + len(norms),
-                      sum(p.numel() for p in params), time.time() - t0)
+    n_changed = changed() if ranks else 0
+    _write(reader, out, fields, deltas, d0, m0, norms, {n: rank_of(n) for n in ranks})
+    return TuneResult(out, steps, best_step, n_changed, before, best, len(train), len(val),
+                      len(fields) + len(norms), sum(p.numel() for p in params), time.time() - t0)
 
 
-def _write(reader, out: Path, fields, deltas, d0, m0, norms) -> None:
+def _write(reader, out: Path, fields, deltas, d0, m0, norms, ranks: dict[str, torch.Tensor]) -> None:
     import gguf
 
     from outputs import atomic_path
@@ -192,10 +253,11 @@ def _write(reader, out: Path, fields, deltas, d0, m0, norms) -> None:
     new: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for n, (f, _, _) in fields.items():
-            d = (d0[n] * (1 + deltas[n + "#d"])).numpy()
-            m = None if f.m is None else (m0[n] + d0[n] * deltas[n + "#m"]).numpy()
+            d = (d0[n] * (1 + deltas[n + "#d"])).numpy() if n + "#d" in deltas else f.d
+            m = (m0[n] + d0[n] * deltas[n + "#m"]).numpy() if n + "#m" in deltas else f.m
+            rank = ranks[n].numpy().astype(np.int64) if n in ranks else None
             t = next(t for t in reader.tensors if t.name == n)
-            new[n] = with_fields(np.asarray(t.data), t.tensor_type, d, m, name=n)
+            new[n] = with_fields(np.asarray(t.data), t.tensor_type, d, m, name=n, rank=rank)
         for n, g in norms.items():
             new[n] = (g * (1 + deltas[n])).numpy().astype(np.float32)
     arch = str(reader.fields["general.architecture"].contents())

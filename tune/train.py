@@ -194,15 +194,21 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
             h = m.layer(h, i)
         return torch.log_softmax(m.head(h[:, first:]), dim=-1)
 
-    def kl(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            lb = logits(bm, x)
+    def kl(x: torch.Tensor, lb: torch.Tensor | None = None) -> torch.Tensor:
+        if lb is None:
+            with torch.no_grad():
+                lb = logits(bm, x)
         return (lb.exp() * (lb - logits(qm, x))).sum(-1).mean()
+
+    val_batches = [val[i:i + batch] for i in range(0, len(val), batch)]
+    val_base: list[torch.Tensor] = []  # the base's log-probs on the held-out chunks, computed once
 
     def val_kl() -> float:
         with torch.no_grad():
+            if not val_base:
+                val_base.extend(logits(bm, x) for x in val_batches)
             apply()
-            parts = [float(kl(val[i:i + batch])) * len(val[i:i + batch]) for i in range(0, len(val), batch)]
+            parts = [float(kl(x, lb)) * len(x) for x, lb in zip(val_batches, val_base)]
         return sum(parts) / len(val)
 
     params = list(deltas.values())

@@ -458,3 +458,63 @@ def test_whole_workflow_in_the_browser(page, tiny_model, tmp_path):
         hub.stop()
     if missing:
         pytest.xfail("stages not landed yet, stand-ins used for: " + "; ".join(missing))
+
+
+@pytest.mark.slow
+def test_tune_form_in_the_browser(page, server, workspace):
+    """The convert page's Tune form: prefilled from the model name, submitted as a tune job on a real quantized
+    GGUF, followed live to done at 100%; the tuned file lands where the form says and joins the verify candidates."""
+    for outtype, name in (("q4_k", "tiny-mixed"), ("bf16", "tiny-bf16")):
+        r = subprocess.run([sys.executable, str(ROOT / "convert_hf_to_gguf_strategy.py"), str(workspace / "models" / "tiny"),
+                            "--outtype", outtype, "--outfile", str(workspace / "gguf" / f"{name}.gguf")],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    quant, tuned = workspace / "gguf" / "tiny-mixed.gguf", workspace / "gguf" / "tiny-tuned.gguf"
+    # the texts go through the same workspace check as every other path
+    status, err = server.json("POST", "/api/jobs", {"kind": "tune", "params": {
+        "gguf": "gguf/tiny-mixed.gguf", "base": "gguf/tiny-bf16.gguf", "texts": ["texts/calibration.txt", "../x.txt"]}})
+    assert status == 403 and "outside the workspace" in err["error"], err
+
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("#open-path", "models/tiny")
+    page.click("#open-btn")
+    page.wait_for_function("document.querySelectorAll('#tensor-table tbody tr').length > 0", timeout=120_000)
+    page.click("#tab-convert")
+    assert page.input_value("#tune-gguf") == "gguf/tiny-mixed.gguf"
+    assert page.input_value("#tune-base") == "gguf/tiny-bf16.gguf"
+    assert page.input_value("#tune-output") == "gguf/tiny-tuned.gguf"
+    assert page.input_value("#tune-texts") == "texts/calibration.txt"
+    assert page.input_value("#tune-steps") == "60"
+    assert [page.is_checked(f"#tune-what-{w}") for w in ("scales", "norms", "codes")] == [True, True, False]
+    # nothing to tune: said on the page, no job submitted
+    page.uncheck("#tune-what-scales")
+    page.uncheck("#tune-what-norms")
+    page.click("#tune-start")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "choose what to tune" in page.inner_text("#error-text")
+    assert server.json("GET", "/api/jobs")[1]["jobs"] == []
+    page.click("#error-close")
+    # a few short steps on a few short chunks: seconds on 2 cores
+    page.check("#tune-what-scales")
+    page.check("#tune-what-codes")
+    page.fill("#tune-texts", "texts/calibration.txt, texts/evaluation.txt")
+    page.fill("#tune-steps", "3")
+    page.fill("#tune-ctx", "64")
+    page.fill("#tune-chunks", "3")
+    page.fill("#tune-val-chunks", "2")
+    page.click("#tune-start")
+    page.wait_for_selector("#tune-job .job")
+    _wait_job(page, "#tune-job", 300)
+    assert page.inner_text("#tune-job .pct") == "100.0%"
+    assert tuned.is_file() and tuned.stat().st_size == quant.stat().st_size
+    (job,) = server.json("GET", "/api/jobs")[1]["jobs"]
+    assert job["kind"] == "tune" and job["state"] == "done" and job["progress"] == 1.0
+    assert job["params"]["what"] == "scales,codes" and job["params"]["texts"] == ["texts/calibration.txt",
+                                                                                   "texts/evaluation.txt"]
+    full = server.json("GET", f"/api/jobs/{job['id']}")[1]
+    assert any("step 3/3" in ln for ln in full["log"]), full["log"]  # the tool's own last step, parsed as 100%
+    page.wait_for_function("document.querySelector('#notice').textContent.includes('wrote gguf/tiny-tuned.gguf')")
+    assert page.input_value("#verify-candidates") == "gguf/tiny-mixed.gguf, gguf/tiny-tuned.gguf"
+    _shot(page, "6-tune")
+    assert not page.js_errors, page.js_errors  # type: ignore[attr-defined]

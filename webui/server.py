@@ -30,7 +30,7 @@ from outputs import is_disk_full, os_error_line
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 32 * 1024 * 1024
-PATH_PARAMS = ("model", "db", "strategy", "output", "outfile", "local_dir", "imatrix", "text", "base", "gguf",
+PATH_PARAMS = ("model", "db", "strategy", "output", "outfile", "local_dir", "imatrix", "text", "texts", "base", "gguf",
                "model_dir", "candidates", "hessian")
 
 

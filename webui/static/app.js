@@ -151,6 +151,7 @@ async function openModel(path) {
     "#plan-export-path": `strategies/${name}.tensor-types.txt`, "#convert-strategy": `strategies/${name}-edited.yaml`,
     "#convert-outfile": `gguf/${name}-mixed.gguf`, "#verify-base": `gguf/${name}-bf16.gguf`,
     "#verify-candidates": `gguf/${name}-mixed.gguf`, "#verify-output": `verify/${name}`,
+    "#tune-gguf": `gguf/${name}-mixed.gguf`, "#tune-base": `gguf/${name}-bf16.gguf`, "#tune-output": `gguf/${name}-tuned.gguf`,
     "#imatrix-path": `measurements/${name}.imatrix.gguf`};
   for (const [id, v] of Object.entries(defaults)) $(id).value = v;
   await loadTensors();
@@ -349,6 +350,22 @@ $("#base-start").addEventListener("click", guarded(async () => {
   if (!state.model) throw new Error("open a model first (Models tab)");
   const j = await submit("convert", {model: state.model.path, outtype: "bf16", outfile: val("#verify-base")}, $("#convert-job"));
   if (j.state === "done") notice(`wrote ${j.result.gguf}`);
+}));
+$("#tune-start").addEventListener("click", guarded(async () => {
+  const what = ["scales", "norms", "codes"].filter(w => $("#tune-what-" + w).checked);
+  if (!what.length) throw new Error("choose what to tune: scales, norms and/or codes");
+  const texts = val("#tune-texts").split(",").map(s => s.trim()).filter(Boolean);
+  const params = {gguf: val("#tune-gguf"), base: val("#tune-base"), texts: texts.length ? texts : undefined,
+                  output: val("#tune-output") || undefined, steps: val("#tune-steps") || undefined, what: what.join(","),
+                  ctx: val("#tune-ctx") || undefined, chunks: val("#tune-chunks") || undefined,
+                  val_chunks: val("#tune-val-chunks") || undefined};
+  const j = await submit("tune", params, $("#tune-job"));
+  if (j.state !== "done") return;
+  // the tuned file is one more candidate to verify against the base
+  const out = j.result.gguf;
+  const cands = val("#verify-candidates").split(",").map(s => s.trim()).filter(Boolean);
+  if (!cands.includes(out)) $("#verify-candidates").value = [...cands, out].join(", ");
+  notice(`wrote ${out}`);
 }));
 $("#verify-start").addEventListener("click", guarded(async () => {
   const params = {base: val("#verify-base"), candidates: val("#verify-candidates").split(",").map(s => s.trim()).filter(Boolean),

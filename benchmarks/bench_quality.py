@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune-lr", type=float, default=1e-4)
     ap.add_argument("--tune-what", default="scales,norms",
                     help="what `python -m tune` fits: scales, norms, codes (comma-separated)")
-    ap.add_argument("--tune-code-lr", type=float, default=0.002, help="tune's --code-lr (with codes)")
+    ap.add_argument("--tune-code-lr", type=float, default=0.003, help="tune's --code-lr (with codes)")
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=40,
                     help="evaluation chunks of --eval-ctx tokens; 10 chunks (2,550 scored tokens) flipped the Q6_K "

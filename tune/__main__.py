@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", default="scales,norms",
                    help="scales (block d/m fields), norms (F32 norm vectors), codes (each weight's level code, "
                         "straight through its rounding; docs/tuning.md)")
-    p.add_argument("--code-lr", type=float, default=0.02,
-                   help="Adam step for codes, in levels per step (a code changes after half a level; default 0.02)")
+    p.add_argument("--code-lr", type=float, default=0.003,
+                   help="Adam step for codes, in levels per step (a code changes after half a level; default 0.003)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     return p

@@ -102,7 +102,7 @@ def _check_pair(qm, bm, quant: Path, base: Path) -> None:
 
 def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, steps: int = 60, lr: float = 1e-4,
               ctx: int = 512, chunks: int = 40, val_chunks: int = 8, batch: int = 2,
-              what: Sequence[str] = DEFAULT_WHAT, code_lr: float = 0.02,
+              what: Sequence[str] = DEFAULT_WHAT, code_lr: float = 0.003,
               eval_every: int = 15, seed: int = 0, threads: int | None = None,
               log: Callable[[str], None] = print) -> TuneResult:
     """Tune `quant` against the float `base` GGUF on up to `chunks` chunks of each text; write `out`."""

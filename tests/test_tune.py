@@ -142,13 +142,29 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tune", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+def _kld_before_after(reference, base, q, out, evaluation_text, tmp_path) -> tuple[float, float]:
+    """llama.cpp's mean KLD of the input and the tuned file against the base, on text the tuning never read."""
+    from verify.llamacpp_engine import LlamaCppEngine
+
+    eng = LlamaCppEngine(reference.tool("llama-perplexity"), threads=2)
+    eng.run_base(base, evaluation_text, 128, 16, tmp_path / "base.kld")
+    return tuple(eng.compare(f, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean for f in (q, out))
+
+
+def _tensor_pairs(q, out):
+    """(name, type, input bytes, tuned bytes) per tensor; the same tensors, types, shapes and file size."""
+    import gguf
+
+    ra, rb = gguf.GGUFReader(q), gguf.GGUFReader(out)
+    assert out.stat().st_size == q.stat().st_size
+    for ta, tb in zip(ra.tensors, rb.tensors, strict=True):
+        assert (ta.name, ta.tensor_type, tuple(ta.shape)) == (tb.name, tb.tensor_type, tuple(tb.shape))
+        yield ta.name, ta.tensor_type, np.asarray(ta.data), np.asarray(tb.data)
+
+
 @pytest.mark.reference
 @pytest.mark.slow
 def test_tune_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibration_text, evaluation_text, tmp_path):
-    import gguf
-
-    from verify.llamacpp_engine import LlamaCppEngine
-
     base, q = tiny_pair
     out = tmp_path / "tuned.gguf"
     r = _cli(str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--ctx", "128",
@@ -158,22 +174,15 @@ def test_tune_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibration_t
     before, after = (float(x) for x in r.stdout.rsplit("held-out KL ", 1)[1].split(" (")[0].split(" -> "))
     assert after < 0.9 * before, r.stdout
     # llama.cpp loads it, and measures it closer to the base on text the tuning never read
-    eng = LlamaCppEngine(reference.tool("llama-perplexity"), threads=2)
-    eng.run_base(base, evaluation_text, 128, 16, tmp_path / "base.kld")
-    k_in = eng.compare(q, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
-    k_out = eng.compare(out, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
+    k_in, k_out = _kld_before_after(reference, base, q, out, evaluation_text, tmp_path)
     assert k_out < 0.95 * k_in, (k_in, k_out)
     # same tensors, types and sizes; only the fp16 fields and the norm vectors moved
-    ra, rb = gguf.GGUFReader(q), gguf.GGUFReader(out)
-    assert out.stat().st_size == q.stat().st_size
     moved_norms = 0
-    for ta, tb in zip(ra.tensors, rb.tensors):
-        assert (ta.name, ta.tensor_type, tuple(ta.shape)) == (tb.name, tb.tensor_type, tuple(tb.shape))
-        a, b = np.asarray(ta.data), np.asarray(tb.data)
-        if ta.tensor_type.name == "Q4_0":
-            mask = _field_mask(ta.tensor_type, a.shape[1] // 18, a.shape[0])
-            assert np.array_equal(a[~mask], b[~mask]), ta.name
-        elif ta.name.endswith("norm.weight"):
+    for name, qtype, a, b in _tensor_pairs(q, out):
+        if qtype.name == "Q4_0":
+            mask = _field_mask(qtype, a.shape[1] // 18, a.shape[0])
+            assert np.array_equal(a[~mask], b[~mask]), name
+        elif name.endswith("norm.weight"):
             moved_norms += not np.array_equal(a, b)
     assert moved_norms > 0
 
@@ -184,10 +193,6 @@ def test_tune_codes_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibra
                                                      tmp_path):
     """Codes tuned straight through their rounding: codes change, the file keeps its types and size, held-out
     KL falls, and llama.cpp measures the file closer to the base on text the tuning never read."""
-    import gguf
-
-    from verify.llamacpp_engine import LlamaCppEngine
-
     base, q = tiny_pair
     out = tmp_path / "tuned.gguf"
     r = _cli(str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--ctx", "128",
@@ -197,23 +202,16 @@ def test_tune_codes_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibra
     before, after = (float(x) for x in r.stdout.rsplit("held-out KL ", 1)[1].split(" (")[0].split(" -> "))
     n_changed = int(r.stdout.rsplit(" codes changed", 1)[0].rsplit(", ", 1)[1].replace(",", ""))
     assert after < 0.95 * before and n_changed > 0, r.stdout
-    eng = LlamaCppEngine(reference.tool("llama-perplexity"), threads=2)
-    eng.run_base(base, evaluation_text, 128, 16, tmp_path / "base.kld")
-    k_in = eng.compare(q, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
-    k_out = eng.compare(out, tmp_path / "base.kld", 128, text=evaluation_text).kld_mean
+    k_in, k_out = _kld_before_after(reference, base, q, out, evaluation_text, tmp_path)
     assert k_out < k_in, (k_in, k_out)
-    ra, rb = gguf.GGUFReader(q), gguf.GGUFReader(out)
-    assert out.stat().st_size == q.stat().st_size
     diff = 0
-    for ta, tb in zip(ra.tensors, rb.tensors):
-        assert (ta.name, ta.tensor_type, tuple(ta.shape)) == (tb.name, tb.tensor_type, tuple(tb.shape))
-        a, b = np.asarray(ta.data), np.asarray(tb.data)
-        if ta.tensor_type.name == "Q4_0":
-            mask = _field_mask(ta.tensor_type, a.shape[1] // 18, a.shape[0])
-            assert np.array_equal(a[mask], b[mask]), ta.name  # scales not tuned: only codes moved
+    for name, qtype, a, b in _tensor_pairs(q, out):
+        if qtype.name == "Q4_0":
+            mask = _field_mask(qtype, a.shape[1] // 18, a.shape[0])
+            assert np.array_equal(a[mask], b[mask]), name  # scales not tuned: only codes moved
             diff += int((a != b).sum())
         else:
-            assert np.array_equal(a, b), ta.name  # norms not tuned
+            assert np.array_equal(a, b), name  # norms not tuned
     assert diff > 0
 
 

@@ -170,7 +170,7 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
 
     def unit_codes(n: str) -> torch.Tensor:
         """a = s * T[round(p)], its gradient passed straight through the rounding."""
-        r0, s_unit, values, slope = ranks[n]
+        _, s_unit, values, slope = ranks[n]
         p = deltas[n + "#p"]
         idx = rank_of(n).long()
         a = values[idx] + slope[idx] * (p - p.detach())
@@ -212,16 +212,16 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
         return sum(parts) / len(val)
 
     params = list(deltas.values())
-    code_params = [deltas[n + "#p"] for n in ranks]
-    groups = [{"params": [p for p in params if all(p is not q for q in code_params)], "lr": lr}]
-    if code_params:
-        groups.append({"params": code_params, "lr": code_lr})
+    is_code = [any(p is deltas[n + "#p"] for n in ranks) for p in params]
+    groups = [{"params": [p for p, c in zip(params, is_code) if c == code], "lr": code_lr if code else lr}
+              for code in (False, True)]
     opt = torch.optim.Adam([g for g in groups if g["params"]])
     before = best = val_kl()
     best_step, best_state = 0, [p.detach().clone() for p in params]
     log(f"tune: {len(fields)} block tensors, {len(norms)} norms, {sum(p.numel() for p in params):,} parameters "
         f"({', '.join(what)}); "
         f"{len(train)} training and {len(val)} held-out chunks of {ctx}; held-out KL {before:.5f}")
+
     def changed() -> int:
         return sum(int((rank_of(n) != ranks[n][0]).sum()) for n in ranks)
 

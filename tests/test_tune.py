@@ -114,6 +114,25 @@ def test_rank_offsets_place_float_weights_between_levels(name):
     assert _rank_offsets(f, values, torch.from_numpy(w)).numpy()[0, 0, 0] == 0
 
 
+def test_codes_outside_the_allowed_levels_stay_fixed():
+    """A Q8_0 block holding -128 (ggml never writes it; another tool might): that tensor's codes are not tuned,
+    its scales still are, and with_fields without ranks leaves its codes as they were."""
+    import quants
+    from quants import levels
+    from tune.fields import split, with_fields
+
+    qt = quants.parse_type("Q8_0")
+    raw = quants.quantize(RNG.standard_normal((2, 64)).astype(np.float32), qt)
+    assert split(raw, qt, codes=True).rank is not None
+    codes = levels.unpack_codes(raw.reshape(-1, 34), qt)
+    codes[0, 0] = 128  # the byte 0x80: level -128
+    odd = levels.pack_codes(raw.reshape(-1, 34), codes, qt).reshape(raw.shape)
+    f = split(odd, qt, codes=True)
+    assert f.rank is None and f.s is None
+    np.testing.assert_allclose(f.weights(), quants.dequantize(odd, qt).reshape(2, 64), rtol=1e-6)
+    assert np.array_equal(with_fields(odd, qt, f.d), odd)
+
+
 def test_fields_errors():
     import quants
     from tune import TuneError

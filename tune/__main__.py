@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.output.resolve() == a.quant.resolve():
             raise TuneError(f"{a.output}: the output would overwrite the input; choose another -o")
         res = tune_gguf(a.quant, base, a.text, a.output, steps=a.steps, lr=a.lr, ctx=a.ctx, chunks=a.chunks,
-                        val_chunks=a.val_chunks, batch=a.batch, what=[w.strip() for w in a.what.split(",") if w.strip()], code_lr=a.code_lr,
+                        val_chunks=a.val_chunks, batch=a.batch, what=[w.strip() for w in a.what.split(",") if w.strip()],
+                        code_lr=a.code_lr,
                         eval_every=max(1, a.eval_every), seed=a.seed, threads=a.threads,
                         log=lambda s: print(s, flush=True))
     except (TuneError, VerifyError, QuantInputError) as e:

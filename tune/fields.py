@@ -85,7 +85,8 @@ def levels_by_rank(qtype: GGMLQuantizationType) -> np.ndarray:
 
 def split(raw: np.ndarray, qtype: GGMLQuantizationType, codes: bool = False) -> BlockFields:
     """uint8 (rows, row_bytes) -> its fields; `weights()` then equals quants.dequantize(raw) exactly.
-    With `codes`, also each weight's code rank and unit scale (a = s * levels_by_rank[rank])."""
+    With `codes`, also each weight's code rank and unit scale (a = s * levels_by_rank[rank]); rank stays None for a
+    tensor holding a code outside the type's allowed levels, whose codes are then not tuned."""
     bs, bpb, doff, moff = _layout(raw, qtype)
     rows = raw.shape[0]
     d = _get(raw, bpb, doff)
@@ -105,12 +106,12 @@ def split(raw: np.ndarray, qtype: GGMLQuantizationType, codes: bool = False) -> 
         rank_of = np.full(len(lay.table), -1, dtype=np.int16)
         rank_of[lay.allowed] = np.arange(len(lay.allowed))
         rank = rank_of[levels.unpack_codes(blocks, qtype)]
-        if (rank < 0).any():  # a code ggml never writes (Q8_0's -128): keep such tensors' codes fixed
-            raise TuneError(f"{qtype.name}: a block holds a level code outside the type's usual range; tune "
-                            f"this file without codes")
-        unit = levels.grid(unit_d.reshape(-1, bpb), qtype)[0].astype(np.float32)
-        rank = rank.reshape(rows, -1, bs)
-        s = None if np.all(unit == 1) else unit.reshape(rows, -1, bs)
+        if (rank < 0).any():  # a code ggml never writes (Q8_0's -128, from another tool): this tensor's codes stay
+            rank = None
+        else:
+            unit = levels.grid(unit_d.reshape(-1, bpb), qtype)[0].astype(np.float32)
+            rank = rank.reshape(rows, -1, bs)
+            s = None if np.all(unit == 1) else unit.reshape(rows, -1, bs)
     return BlockFields(qtype, a, c, d, m, rank, s)
 
 

@@ -276,8 +276,10 @@ def test_tune_job_runs_and_reports_progress(tiny_pair, calibration_text, tmp_pat
 
     base, q = tiny_pair
     cmd = KINDS["tune"].build({"gguf": str(q), "base": str(base), "texts": [str(calibration_text)], "steps": 4,
-                               "lr": 1e-3, "ctx": 64, "chunks": 6, "val_chunks": 2}, tmp_path)
+                               "lr": 1e-3, "ctx": 64, "chunks": 6, "val_chunks": 2, "what": "scales,codes",
+                               "code_lr": 0.003}, tmp_path)
     assert cmd.outputs == {"gguf": f"gguf/{q.stem}-tuned.gguf"}
+    assert cmd.argv[cmd.argv.index("--code-lr") + 1] == "0.003"
     p = subprocess.run(cmd.argv + ["--eval-every", "2"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / cmd.outputs["gguf"]).is_file()

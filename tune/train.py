@@ -212,7 +212,7 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
         return sum(parts) / len(val)
 
     params = list(deltas.values())
-    is_code = [any(p is deltas[n + "#p"] for n in ranks) for p in params]
+    is_code = [k.endswith("#p") for k in deltas]
     groups = [{"params": [p for p, c in zip(params, is_code) if c == code], "lr": code_lr if code else lr}
               for code in (False, True)]
     opt = torch.optim.Adam([g for g in groups if g["params"]])

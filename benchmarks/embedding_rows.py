@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=6)
     ap.add_argument("--topk", type=int, default=256, help="tokens per position kept for the head term")
     a = ap.parse_args(argv)
+    for path, what in ((a.model / "config.json", "HF checkpoint"), (a.calib, "calibration text"),
+                       *((t, "held-out text") for t in a.held)):
+        if not path.is_file():
+            print(f"error: {path}: {what} not found", file=sys.stderr)
+            return 2
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     emb = model.get_input_embeddings().weight
-    if model.get_output_embeddings().weight.data_ptr() != emb.data_ptr():
-        print(f"error: {a.model}: the output head is not tied to the token embedding", file=sys.stderr)
+    if model.get_output_embeddings().weight.data_ptr() != emb.data_ptr() or not hasattr(model, "model"):
+        print(f"error: {a.model}: needs a llama-style model (`model.model`) whose output head is tied to the token "
+              f"embedding", file=sys.stderr)
         return 2
     E = emb.detach().numpy().copy()
     Et = torch.from_numpy(E)
@@ -78,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     hs, pos, rows, wts = [], [], [], []
     gen = torch.Generator().manual_seed(0)
     n_pos = 0
-    for ch in chunks(a.calib, a.chunks):
+    calib = chunks(a.calib, a.chunks)
+    if not calib:
+        print(f"error: {a.calib}: shorter than one 512-token chunk; give a longer calibration text", file=sys.stderr)
+        return 2
+    for ch in calib:
         x = torch.tensor([ch])
         e = Et[x].clone().requires_grad_(True)
         h = model.model(inputs_embeds=e).last_hidden_state[0]
@@ -114,13 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     order = np.argsort(rows, kind="stable")
     rows_sorted = rows[order]
-    for b0 in range(0, len(chosen), 500):  # a batch of rows' covariances at a time (float64 D x D each)
-        for v in chosen[b0:b0 + 500]:
-            lo, hi = np.searchsorted(rows_sorted, [v, v + 1])
-            sel = order[lo:hi]
-            X = hs[pos[sel]].astype(np.float64) * np.sqrt(wts[sel])[:, None]
-            Hv = X.T @ X + a.lam * counts[v] * G + a.kappa * H
-            per_row[v] = quantize_compensated(E[v:v + 1], qt, np.diag(Hv).astype(np.float32), Hv)[0]
+    for v in chosen:  # one row's covariance at a time: 10,000 float64 D x D matrices at once need > 24 GB
+        lo, hi = np.searchsorted(rows_sorted, [v, v + 1])
+        sel = order[lo:hi]
+        X = hs[pos[sel]].astype(np.float64) * np.sqrt(wts[sel])[:, None]
+        Hv = X.T @ X + a.lam * counts[v] * G + a.kappa * H
+        per_row[v] = quantize_compensated(E[v:v + 1], qt, np.diag(Hv).astype(np.float32), Hv)[0]
     print(f"{len(chosen)} rows re-encoded in {time.time() - t1:.0f}s", flush=True)
 
     def roles(q: np.ndarray, texts: list[Path]) -> list[tuple[float, float, float]]:
@@ -130,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             ids = tok(t.read_text(encoding="utf-8", errors="replace"))["input_ids"]
             start = len(ids) // 2 if t.resolve() == a.calib.resolve() else 0
             acc: list[list[torch.Tensor]] = [[], [], []]
-            for ch in chunks(t, a.eval_chunks, start):
+            held = chunks(t, a.eval_chunks, start)
+            if not held:
+                raise SystemExit(f"error: {t}: shorter than one 512-token chunk (after its first half, for the "
+                                 f"calibration text); give a longer held-out text")
+            for ch in held:
                 x = torch.tensor([ch])
                 h0 = model.model(input_ids=x).last_hidden_state[0]
                 h1 = model.model(inputs_embeds=Eq[x]).last_hidden_state[0]

@@ -145,21 +145,24 @@ class ConvertSink:
         importance = self.importance_for(info, final) if final not in ("F32", "F16", "BF16", "Q8_0") else None
         if importance is not None:
             self.n_with_importance += 1
-        hessian = None
+        hessian = row_covariances = None
         if self.hessians is not None and len(info.shape) == 2 and final not in ("F32", "F16", "BF16"):
             hessian = self.hessians.for_tensor(info.name, info.n_per_row)
             self.n_compensated += hessian is not None
+            if hessian is not None:
+                row_covariances = self.hessians.row_covariances(info.name, info.n_per_row)
         if len(info.shape) >= 2:
             self.params_by_type[final] += info.n_params
         note = f" (asked {requested}: rows of {info.n_per_row})" if requested and requested != final else ""
         logger.info(f"{info.name + ',':<40} {info.source_dtype:<8} --> {final}{note}, shape = {{{', '.join(map(str, info.ne))}}}"
-                    + (" +imatrix" if importance is not None else "") + (" +compensated" if hessian is not None else ""))
+                    + (" +imatrix" if importance is not None else "") + (" +compensated" if hessian is not None else "")
+                    + (f" +{len(row_covariances.rows)} rows by own covariance" if row_covariances is not None else ""))
         if isinstance(em.data, gguf.LazyChunkedTensor):  # upstream streams it in chunks; keep that
             if importance is not None or hessian is not None:
                 logger.warning(f"{info.name}: written in chunks by upstream; importance/covariance not applied")
             model.write_raw_tensor(info.name, em.data.quantize(qtype), raw_dtype=qtype)
             return
-        data = QuantizedTensor(em.data, qtype, importance, info.name, self.prefetcher, hessian)
+        data = QuantizedTensor(em.data, qtype, importance, info.name, self.prefetcher, hessian, row_covariances)
         model.write_raw_tensor(info.name, data, raw_dtype=qtype)
 
     def choose(self, model: Any, em: Any) -> tuple[str, str | None]:
@@ -227,7 +230,7 @@ class ConvertSink:
 
 
 def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: str,
-                  hessian: np.ndarray | None = None) -> np.ndarray:
+                  hessian: np.ndarray | None = None, row_covariances: Any = None) -> np.ndarray:
     """Quantize one tensor (MoE experts one by one, each with its own importance slice; error-compensated when
     a 2-D tensor has an input covariance)."""
     import quants
@@ -239,7 +242,8 @@ def _quantize_now(data: Any, qtype: Any, importance: np.ndarray | None, name: st
 
         return gguf.quants.quantize(x, qtype)
     try:
-        return quants.quantize(x, qtype, importance, name=name, hessian=hessian)  # a 2-D importance is per expert
+        return quants.quantize(x, qtype, importance, name=name, hessian=hessian,  # a 2-D importance is per expert
+                               row_covariances=row_covariances)
     except quants.QuantInputError as e:
         raise UserError(str(e)) from None
 
@@ -283,7 +287,8 @@ class QuantizedTensor:
     prefetcher may compute it on a worker thread, or the writer inline."""
 
     def __init__(self, source: Any, qtype: Any, importance: np.ndarray | None, name: str,
-                 prefetcher: Prefetcher | None = None, hessian: np.ndarray | None = None):
+                 prefetcher: Prefetcher | None = None, hessian: np.ndarray | None = None,
+                 row_covariances: Any = None):
         import gguf
 
         T = gguf.GGMLQuantizationType
@@ -294,7 +299,7 @@ class QuantizedTensor:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.in_bytes = int(np.prod(in_shape, dtype=np.int64)) * 4
         self._source, self._qtype, self._importance, self._name = source, qtype, importance, name
-        self._hessian = hessian
+        self._hessian, self._row_covariances = hessian, row_covariances
         self._swap = False
         self._future: Any = None
         self._lock = threading.Lock()
@@ -306,8 +311,9 @@ class QuantizedTensor:
 
         source, self._source = self._source, None  # the lazy graph is released as soon as it is evaluated
         with no_grad():
-            out = _quantize_now(source, self._qtype, self._importance, self._name, self._hessian)
-        self._hessian = None
+            out = _quantize_now(source, self._qtype, self._importance, self._name, self._hessian,
+                                self._row_covariances)
+        self._hessian = self._row_covariances = None
         return np.asarray(out).astype(self.dtype, copy=False).reshape(self.shape)
 
     def submit(self, pool: Any) -> None:

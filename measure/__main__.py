@@ -78,9 +78,13 @@ def _imatrix(argv: list[str]) -> int:
     p.add_argument("--hessian", type=Path, default=None,
                    help="also write each weight's full input covariance here (safetensors), for error-compensated "
                         "encoding (--hessian of measure, convert and strategy)")
+    p.add_argument("--embedding-rows", type=int, default=0, metavar="N",
+                   help="with --hessian and a tied embedding: also store what gives its N most used rows a "
+                        "covariance of their own in the converter (docs/quality.md; N=5000 measured on SmolLM2)")
     a = p.parse_args(argv)
     out = compute_imatrix(a.model_dir, a.text, a.output, ctx=a.ctx, chunks=a.chunks,
-                          process_output=a.process_output, device=a.device, hessian_output=a.hessian)
+                          process_output=a.process_output, device=a.device, hessian_output=a.hessian,
+                          embedding_rows=a.embedding_rows)
     print(f"wrote {out}" + (f" and {a.hessian}" if a.hessian else ""))
     return 0
 

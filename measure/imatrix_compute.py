@@ -78,12 +78,14 @@ def _name_map(model_dir: Path):
 def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequence[str | os.PathLike],
                     output: str | os.PathLike, *,
                     ctx: int = 512, chunks: int = -1, process_output: bool = False, device: str | None = None,
-                    dataset_name: str | None = None, hessian_output: str | os.PathLike | None = None) -> Path:
+                    dataset_name: str | None = None, hessian_output: str | os.PathLike | None = None,
+                    embedding_rows: int = 0) -> Path:
     """Compute and write a GGUF imatrix; returns its path. Raises ImatrixComputeError / catalog.ModelInputError.
 
     `text`: one calibration text or several; each gives up to `chunks` chunks (all of it when negative), so two
     texts of at least `chunks` chunks weigh the same. `hessian_output`: also write every dense weight's input
-    covariance there (`measure.hessian`)."""
+    covariance there (`measure.hessian`). `embedding_rows` > 0 (with `hessian_output`, a tied embedding only): also
+    the statistics that give that many embedding rows a covariance of their own (`measure.embedding_rows`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -98,6 +100,10 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequ
     missing = [t for t in texts if not t.is_file()]
     if missing:
         raise ImatrixComputeError(f"{missing[0]}: calibration text not found")
+    if embedding_rows and hessian_output is None:
+        raise ImatrixComputeError("--embedding-rows is stored in the covariance file; pass --hessian FILE too")
+    if embedding_rows < 0:
+        raise ImatrixComputeError(f"--embedding-rows {embedding_rows}: give a number of rows >= 0")
     if chunks is not None and chunks == 0:
         raise ImatrixComputeError(f"--chunks {chunks}: nothing to compute")
     infos = {i.name: i for i in catalog.list_tensors(model_dir)}  # also validates the model dir
@@ -196,13 +202,24 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequ
             h.remove()
     if not accs:
         raise ImatrixComputeError(f"{model_dir}: no matrix multiplication could be mapped to a GGUF tensor name")
+    row_stats = {}
+    if embedding_rows:
+        from measure.embedding_rows import EmbeddingRowsError, collect
+
+        if "output.weight" in infos or "token_embd.weight" not in head_cov:
+            raise ImatrixComputeError(f"{model_dir}: --embedding-rows is for a tied embedding (no output.weight); "
+                                      f"this model has its own output head, leave the option out")
+        try:
+            row_stats["token_embd.weight"] = collect(model, batches, embedding_rows)
+        except EmbeddingRowsError as e:
+            raise ImatrixComputeError(f"{model_dir}: {e}") from None
     entries = {n: ImatrixEntry(a.sums.astype(np.float32), a.counts.copy()) for n, a in accs.items()}
     if hessian_output is not None:
         from measure.hessian import save_hessians
 
         both = {**accs, **head_cov}
         covs = {n: a.cov for n, a in both.items() if a.cov is not None}
-        save_hessians(hessian_output, covs, {n: int(both[n].counts[0]) for n in covs})
+        save_hessians(hessian_output, covs, {n: int(both[n].counts[0]) for n in covs}, row_stats)
     return save_imatrix_gguf(output, entries, datasets=[dataset_name] if dataset_name else [str(t) for t in texts],
                              chunk_count=n_chunk,
                              chunk_size=ctx)

@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -120,7 +121,8 @@ def _check_inputs(data: np.ndarray, qtype: GGMLQuantizationType, importance: np.
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np.ndarray | None = None,
-             *, name: str | None = None, hessian: np.ndarray | None = None) -> np.ndarray:
+             *, name: str | None = None, hessian: np.ndarray | None = None,
+             row_covariances: Any = None) -> np.ndarray:
     """Quantize like ggml_quantize_chunk(type, data, importance); bytes laid out as gguf-py lays them out.
 
     Returns an array of shape data.shape[:-1] + (row_bytes,), dtype uint8 (float16/float32 for F16/F32,
@@ -128,7 +130,12 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np
     entry): expert e is quantized with importance[e], as llama-quantize does.
     `hessian` (the input covariance, K x K, of a 2-D weight) selects the error-compensated encoding
     (`quants.compensate`): same types, blocks that ggml decodes, chosen to cancel output error.
+    `row_covariances` (a `quants.compensate.RowCovariances`, with `hessian` only): rows with a covariance of
+    their own, re-encoded under it.
     """
+    if row_covariances is not None and hessian is None:
+        raise QuantInputError(f"{f'tensor {name!r}' if name else 'tensor'}: row covariances need the tensor's "
+                              f"shared input covariance too (hessian)")
     if hessian is not None:
         if np.ndim(data) != 2:
             raise QuantInputError(f"{f'tensor {name!r}' if name else 'tensor'}: error compensation is for 2-D weights; "
@@ -136,6 +143,10 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: np
         from quants.compensate import quantize_compensated
 
         rows, imp = _check_inputs(data, parse_type(qtype), importance, name)
+        if row_covariances is not None:
+            from quants.compensate import quantize_compensated_rows
+
+            return quantize_compensated_rows(rows, qtype, imp, hessian, row_covariances, name=name)
         return quantize_compensated(rows, qtype, imp, hessian, name=name)
     if importance is not None and np.ndim(importance) == 2 and np.ndim(data) == 3:
         return np.stack([quantize(data[e], qtype, importance[e], name=f"{name or 'tensor'}[expert {e}]")

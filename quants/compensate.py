@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -101,6 +103,39 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
                 w[:, e:] -= err @ factor[bi][:, bs:]
         pieces.append(np.concatenate(cols, axis=1))
     return np.concatenate(pieces, axis=0)
+
+
+@dataclass(frozen=True)
+class RowCovariances:
+    """Some rows of a matrix with an input covariance of their own; the others share the tensor's.
+
+    Why: a tied embedding's row v matters as a head row only where token v is probable, and as a lookup row only
+    where v occurs, so one covariance for all rows spends precision on the wrong tokens (docs/quality.md). The
+    matrices are built one at a time by `covariance`: thousands of K x K float64 matrices do not fit in memory."""
+
+    rows: np.ndarray                          # row indices, int
+    covariance: Callable[[int], np.ndarray]   # row index -> (K, K)
+
+
+def quantize_compensated_rows(data: np.ndarray, qtype, importance: np.ndarray | None, hessian: np.ndarray,
+                              row_covariances: RowCovariances, *, damp: float = DAMP,
+                              name: str | None = None) -> np.ndarray:
+    """`quantize_compensated` with the shared `hessian`, then each row of `row_covariances` re-encoded under its
+    own matrix (its diagonal as the block search's importance). Rows are independent, so the bytes of the other
+    rows are those of the shared encoding."""
+    out = quantize_compensated(data, qtype, importance, hessian, damp=damp, name=name)
+    if quants.parse_type(qtype).name in _NOT_COMPENSATED:
+        return out
+    rows = np.asarray(data, dtype=np.float32)
+    for v in np.asarray(row_covariances.rows, dtype=np.int64):
+        if not 0 <= v < rows.shape[0]:
+            raise quants.QuantInputError(f"{f'tensor {name!r}' if name else 'tensor'}: a row covariance names row "
+                                         f"{v}, the tensor has {rows.shape[0]}; is the covariance file for "
+                                         f"another model?")
+        hv = np.asarray(row_covariances.covariance(int(v)), dtype=np.float64)
+        out[v] = quantize_compensated(rows[v:v + 1], qtype, np.diag(hv).astype(np.float32), hv, damp=damp,
+                                      name=name)[0]
+    return out
 
 
 def _walk_block(x: np.ndarray, blocks: np.ndarray, qtype, u: np.ndarray

@@ -16,6 +16,8 @@ What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed b
    computes from the same calibration text plus as many chunks of text the model samples itself
    (--sample-tokens, `python -m measure sample`), and the probes and our converter use the same file: our files
    are written with the error-compensated encoding (quants/compensate.py), stock files by llama-quantize.
+   The file also holds the tied embedding's per-row statistics (--embedding-rows 5000, measure/embedding_rows.py):
+   the converter encodes those rows each under its own covariance; measure and the probes use the shared one.
 5. calibration: end-to-end probes with verify.probe on a slice of the CALIBRATION text that the imatrix did
    not see (never the evaluation text), fitted by strategy.calibrate.
 6. plans at each stock size: budget allocator uncalibrated, ASHQ1, budget allocator calibrated; each converted
@@ -193,9 +195,11 @@ class Bench:
             return None
         # keyed by the collecting code too: a change to what is collected (the head's covariance) re-collects
         sampled = ("samples", a.sample_tokens, sha_file(ROOT / "measure" / "sample.py")[:16]) if a.sample_tokens else ()
+        rows = ("rows", a.embedding_rows, sha_file(ROOT / "measure" / "embedding_rows.py")[:16]) \
+            if a.embedding_rows else ()
         k = key_of(self.calib_sha, a.imatrix_ctx, a.imatrix_chunks, "cov",
                    sha_file(ROOT / "measure" / "imatrix_compute.py")[:16], *filter(None, [self.smoothing_key()]),
-                   *sampled)
+                   *sampled, *rows)
         out = self.dir / f"cov-{k}.safetensors"
 
         def make(tmp: Path) -> None:
@@ -205,7 +209,8 @@ class Bench:
                 texts += ["--text", samples]
             res = subprocess.run([sys.executable, "-m", "measure", "imatrix", self.ours()[0], *texts,
                                   "--ctx", str(a.imatrix_ctx), "--chunks", str(a.imatrix_chunks),
-                                  "-o", tmp.with_suffix(".imatrix.gguf"), "--hessian", tmp],
+                                  "-o", tmp.with_suffix(".imatrix.gguf"), "--hessian", tmp,
+                                  "--embedding-rows", str(a.embedding_rows)],
                                  cwd=ROOT, text=True, capture_output=True)
             tmp.with_suffix(".imatrix.gguf").unlink(missing_ok=True)
             if res.returncode != 0:
@@ -587,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also compute the input covariances on this many tokens the model samples itself "
                          "(`measure sample`; the imatrix and the stock mixes are unchanged; lower KLD on the "
                          "evaluation text at every size, docs/quality.md); 0: calibration text only")
+    ap.add_argument("--embedding-rows", type=int, default=5000,
+                    help="the tied embedding's N most used rows each encoded under a covariance of their own "
+                         "(`measure imatrix --embedding-rows`, measure/embedding_rows.py); 0: one shared covariance")
     ap.add_argument("--smooth", default="0.5p,0.5,0",
                     help="comma-separated alphas of measure.smooth (an exact reparametrisation that makes llama.cpp's "
                          "activation rounding cheaper; 0: the original checkpoint; a trailing p also reorders the "

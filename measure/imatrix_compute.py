@@ -107,6 +107,9 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequ
     if chunks is not None and chunks == 0:
         raise ImatrixComputeError(f"--chunks {chunks}: nothing to compute")
     infos = {i.name: i for i in catalog.list_tensors(model_dir)}  # also validates the model dir
+    if embedding_rows and ("output.weight" in infos or "token_embd.weight" not in infos):
+        raise ImatrixComputeError(f"{model_dir}: --embedding-rows is for a tied embedding (no output.weight); "
+                                  f"this model has its own output head, leave the option out")
     batches: list[list[int]] = []  # every chunk of every text, first token BOS when the tokenizer adds one
     tok = _load_tokenizer(model_dir)  # once for every text
     for t in texts:
@@ -206,9 +209,6 @@ def compute_imatrix(model_dir: str | os.PathLike, text: str | os.PathLike | Sequ
     if embedding_rows:
         from measure.embedding_rows import EmbeddingRowsError, collect
 
-        if "output.weight" in infos or "token_embd.weight" not in head_cov:
-            raise ImatrixComputeError(f"{model_dir}: --embedding-rows is for a tied embedding (no output.weight); "
-                                      f"this model has its own output head, leave the option out")
         try:
             row_stats["token_embd.weight"] = collect(model, batches, embedding_rows)
         except EmbeddingRowsError as e:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from measure.embedding_rows import FIELDS, EmbeddingRowStats
+
 MAP_KEY = "tensors"
 ROWS_KEY = "rows"
 
@@ -92,8 +94,6 @@ class Hessians:
             return None
         from safetensors import safe_open
 
-        from measure.embedding_rows import EmbeddingRowStats
-
         with safe_open(str(self.path), framework="numpy") as f:
             stats = EmbeddingRowStats.from_tensors(f.get_tensor, entry["prefix"], entry["n_rows"])
         if stats.hidden.shape[1] != n_in:
@@ -133,7 +133,7 @@ def load_hessians(path: str | os.PathLike) -> Hessians:
         mapping = json.loads(meta[MAP_KEY])
         tokens = int(meta.get("tokens", "0"))
         rows = json.loads(meta.get(ROWS_KEY, "{}"))
-        row_keys = {f"{e['prefix']}.{k}" for e in rows.values() for k in _row_fields()}
+        row_keys = {f"{e['prefix']}.{k}" for e in rows.values() for k in FIELDS}
         for e in rows.values():
             int(e["n_rows"])
     except (KeyError, ValueError, TypeError):
@@ -144,12 +144,6 @@ def load_hessians(path: str | os.PathLike) -> Hessians:
         raise HessianError(f"{path}: map names {missing[0]} which the file lacks; the file is truncated or "
                            f"corrupt, recompute it")
     return Hessians(path, mapping, tokens, rows)
-
-
-def _row_fields() -> tuple[str, ...]:
-    from measure.embedding_rows import FIELDS
-
-    return FIELDS
 
 
 def save_hessians(path: str | os.PathLike, sums: dict[str, np.ndarray], tokens: dict[str, int],

@@ -37,11 +37,12 @@ _NOT_COMPENSATED = ("F32", "F16", "BF16")
 _factor_cache: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
 
 
-def _factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
-    """Per block column b starting at c: rows c..c+bs of U from column c on (bs, K - c); H^-1 = U^T U."""
+def _factor_rows(hessian: np.ndarray, bs: int, damp: float, cache: bool = True) -> list[np.ndarray]:
+    """Per block column b starting at c: rows c..c+bs of U from column c on (bs, K - c); H^-1 = U^T U.
+    `cache=False` for a matrix used once (a row's own): no hashing, and the shared factors stay cached."""
     h = np.ascontiguousarray(hessian, dtype=np.float64)
-    key = (hashlib.sha1(h.tobytes()).hexdigest(), h.shape[0], bs, damp)
-    hit = _factor_cache.get(key)
+    key = (hashlib.sha1(h.tobytes()).hexdigest(), h.shape[0], bs, damp) if cache else None
+    hit = _factor_cache.get(key) if cache else None
     if hit is not None:
         _factor_cache.move_to_end(key)
         return hit
@@ -60,6 +61,8 @@ def _factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
         raise quants.QuantInputError(f"input covariance ({k}x{k}) is not positive definite even after damping; "
                                      "recompute it from more calibration tokens") from None
     rows = [np.ascontiguousarray(u[c:c + bs, c:]) for c in range(0, k, bs)]
+    if not cache:
+        return rows
     _factor_cache[key] = rows
     while len(_factor_cache) > 8:
         _factor_cache.popitem(last=False)
@@ -67,7 +70,7 @@ def _factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
 
 
 def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None, hessian: np.ndarray, *,
-                         damp: float = DAMP, name: str | None = None) -> np.ndarray:
+                         damp: float = DAMP, name: str | None = None, cache_factor: bool = True) -> np.ndarray:
     """Bytes of a 2-D tensor (rows, K) as `qtype`, codes chosen to cancel output error under input covariance
     `hessian` (K, K). Same shape and dtype as `quants.quantize` returns; float types are not compensated."""
     qtype = quants.parse_type(qtype)
@@ -85,7 +88,7 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
     if k % bs:
         return quants.quantize(rows, qtype, importance, name=name)  # raises the usual one-line error
     try:
-        factor = _factor_rows(hessian, bs, damp)
+        factor = _factor_rows(hessian, bs, damp, cache_factor)
     except quants.QuantInputError as e:
         raise quants.QuantInputError(f"{what}: {e}") from None
     imp = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)
@@ -134,7 +137,7 @@ def quantize_compensated_rows(data: np.ndarray, qtype, importance: np.ndarray | 
                                          f"another model?")
         hv = np.asarray(row_covariances.covariance(int(v)), dtype=np.float64)
         out[v] = quantize_compensated(rows[v:v + 1], qtype, np.diag(hv).astype(np.float32), hv, damp=damp,
-                                      name=name)[0]
+                                      name=name, cache_factor=False)[0]
     return out
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Experiment (not in the pipeline): per-row covariances for a tied token embedding, head and lookup roles together.
+"""Per-row covariances for a tied token embedding, head and lookup roles together, scored role by role.
 
 Why: on SmolLM2 the tied embedding carries about 40% of the Q5_K_M-size plan's KLD (docs/quality.md). Error
 compensation encodes it with one covariance, the head's input sum_t h_t h_t^T, for every row. But KL's curvature in
@@ -11,7 +11,9 @@ therefore
 
 (the last term shrinks rows with little evidence towards today's shared shape). The rows with the largest weight are
 re-encoded with their own H_v; the rest keep the shared encoding. The script prints the KL of each role, and of both
-(the tied model), with every other weight exact, on held-out texts.
+(the tied model), with every other weight exact, on held-out texts. The statistics and the encoding are the
+pipeline's own (`measure.embedding_rows`, `quants.compensate.quantize_compensated_rows`), which
+`measure imatrix --embedding-rows` and the converter use.
 
     python benchmarks/embedding_rows.py --model ~/.cache/real-models/smollm2-bf16 \\
         --calib moby-dick.txt --held moby-dick.txt --held licences.txt
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import quants
-    from quants.compensate import quantize_compensated
+    from measure.embedding_rows import collect
+    from quants.compensate import quantize_compensated, quantize_compensated_rows
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
@@ -76,61 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         ids = tok(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
         return [ids[start + i * 512:start + (i + 1) * 512] for i in range(min(n, (len(ids) - start) // 512))]
 
-    # statistics on the calibration chunks: head inputs h, top p(1-p) per position, lookup Fisher G, token counts
+    # the pipeline's own statistics and encoding (measure.embedding_rows, quants.compensate)
     t0 = time.time()
-    H = np.zeros((D, D))
-    G = np.zeros((D, D))
-    counts = np.zeros(V)
-    hs, pos, rows, wts = [], [], [], []
-    gen = torch.Generator().manual_seed(0)
-    n_pos = 0
     calib = chunks(a.calib, a.chunks)
     if not calib:
         print(f"error: {a.calib}: shorter than one 512-token chunk; give a longer calibration text", file=sys.stderr)
         return 2
-    for ch in calib:
-        x = torch.tensor([ch])
-        e = Et[x].clone().requires_grad_(True)
-        h = model.model(inputs_embeds=e).last_hidden_state[0]
-        logits = h @ Et.T
-        p = torch.softmax(logits.detach(), -1)
-        y = torch.multinomial(p, 1, generator=gen)[:, 0]
-        torch.log_softmax(logits, -1)[torch.arange(len(ch)), y].sum().backward()
-        g = e.grad[0].double().numpy()
-        G += g.T @ g
-        np.add.at(counts, np.array(ch), 1)
-        w, v = torch.topk(p * (1 - p), a.topk, dim=-1)
-        hd = h.detach()
-        hs.append(hd.numpy())
-        pos.append((torch.arange(len(ch))[:, None].expand(-1, a.topk) + n_pos).reshape(-1).numpy())
-        rows.append(v.reshape(-1).numpy())
-        wts.append(w.reshape(-1).numpy())
-        h64 = hd.double().numpy()
-        H += h64.T @ h64
-        n_pos += len(ch)
-    hs, pos, rows, wts = (np.concatenate(z) for z in (hs, pos, rows, wts))
-    H /= n_pos
-    G /= n_pos
-    mass = np.zeros(V)
-    np.add.at(mass, rows, wts)
-    print(f"statistics: {n_pos} positions in {time.time() - t0:.0f}s", flush=True)
+    stats = collect(model, calib, a.rows, topk=a.topk)
+    print(f"statistics: {len(stats.hidden)} positions in {time.time() - t0:.0f}s", flush=True)
     torch.set_grad_enabled(False)
 
     qt = a.type
-    shared = quantize_compensated(E, qt, np.diag(H).astype(np.float32), H)
-    score = mass + a.lam * counts * np.trace(G) / np.trace(H)
-    chosen = np.argsort(-score)[:a.rows]
-    per_row = shared.copy()
+    H = stats.hidden.T.astype(np.float64) @ stats.hidden / len(stats.hidden)
+    imp = np.diag(H).astype(np.float32)
+    shared = quantize_compensated(E, qt, imp, H)
     t1 = time.time()
-    order = np.argsort(rows, kind="stable")
-    rows_sorted = rows[order]
-    for v in chosen:  # one row's covariance at a time: 10,000 float64 D x D matrices at once need > 24 GB
-        lo, hi = np.searchsorted(rows_sorted, [v, v + 1])
-        sel = order[lo:hi]
-        X = hs[pos[sel]].astype(np.float64) * np.sqrt(wts[sel])[:, None]
-        Hv = X.T @ X + a.lam * counts[v] * G + a.kappa * H
-        per_row[v] = quantize_compensated(E[v:v + 1], qt, np.diag(Hv).astype(np.float32), Hv)[0]
-    print(f"{len(chosen)} rows re-encoded in {time.time() - t1:.0f}s", flush=True)
+    per_row = quantize_compensated_rows(E, qt, imp, H, stats.row_covariances(H, lookup_weight=a.lam,
+                                                                               shrink=a.kappa))
+    print(f"{a.rows} rows re-encoded in {time.time() - t1:.0f}s (shared encoding included)", flush=True)
 
     def roles(q: np.ndarray, texts: list[Path]) -> list[tuple[float, float, float]]:
         Eq = torch.from_numpy(quants.dequantize(q, qt).reshape(V, D).astype(np.float32))

@@ -235,6 +235,20 @@ def test_tune_codes_lowers_kl_and_llama_cpp_agrees(tiny_pair, reference, calibra
 
 
 @pytest.mark.reference
+def test_tuned_held_out_kl_is_what_the_written_file_measures(tiny_pair, calibration_text, tmp_path):
+    """The best state is chosen on the fp16 values the file stores, not on float32 values it cannot hold: the
+    written file, read back, measures the held-out KL the tuning reported."""
+    from tune.train import tune_gguf
+
+    base, q = tiny_pair
+    kw = dict(ctx=64, chunks=12, val_chunks=3, lr=3e-4, eval_every=5, threads=2, log=lambda _s: None)
+    res = tune_gguf(q, base, [calibration_text], tmp_path / "tuned.gguf", steps=10, **kw)
+    assert res.best_step > 0 and res.val_best < res.val_before, res
+    again = tune_gguf(res.out, base, [calibration_text], tmp_path / "again.gguf", steps=0, **kw)
+    assert again.val_before == pytest.approx(res.val_best, rel=1e-6, abs=0), (again.val_before, res.val_best)
+
+
+@pytest.mark.reference
 def test_tune_zero_steps_writes_the_input_unchanged(tiny_pair, calibration_text, tmp_path):
     base, q = tiny_pair
     out = tmp_path / "same.gguf"

@@ -37,17 +37,10 @@ _NOT_COMPENSATED = ("F32", "F16", "BF16")
 _factor_cache: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
 
 
-def _factor_rows(hessian: np.ndarray, bs: int, damp: float, cache: bool = True) -> list[np.ndarray]:
-    """Per block column b starting at c: rows c..c+bs of U from column c on (bs, K - c); H^-1 = U^T U.
-    `cache=False` for a matrix used once (a row's own): no hashing, and the shared factors stay cached."""
-    h = np.ascontiguousarray(hessian, dtype=np.float64)
-    key = (hashlib.sha1(h.tobytes()).hexdigest(), h.shape[0], bs, damp) if cache else None
-    hit = _factor_cache.get(key) if cache else None
-    if hit is not None:
-        _factor_cache.move_to_end(key)
-        return hit
+def _factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
+    """Per block column b starting at c: rows c..c+bs of U from column c on (bs, K - c); H^-1 = U^T U."""
+    h = np.array(hessian, dtype=np.float64)  # a copy: damped below
     k = h.shape[0]
-    h = h.copy()
     diag = np.diag(h).copy()
     dead = diag <= 0  # columns never activated: any value is free; keep them out of the factorisation
     h[dead, :] = 0
@@ -60,10 +53,18 @@ def _factor_rows(hessian: np.ndarray, bs: int, damp: float, cache: bool = True) 
     except np.linalg.LinAlgError:
         raise quants.QuantInputError(f"input covariance ({k}x{k}) is not positive definite even after damping; "
                                      "recompute it from more calibration tokens") from None
-    rows = [np.ascontiguousarray(u[c:c + bs, c:]) for c in range(0, k, bs)]
-    if not cache:
-        return rows
-    _factor_cache[key] = rows
+    return [np.ascontiguousarray(u[c:c + bs, c:]) for c in range(0, k, bs)]
+
+
+def _cached_factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
+    """`_factor_rows` for a shared covariance, which many tensors (and every type of one tensor) reuse."""
+    h = np.ascontiguousarray(hessian, dtype=np.float64)
+    key = (hashlib.sha1(h.tobytes()).hexdigest(), h.shape[0], bs, damp)
+    hit = _factor_cache.get(key)
+    if hit is not None:
+        _factor_cache.move_to_end(key)
+        return hit
+    rows = _factor_cache[key] = _factor_rows(h, bs, damp)
     while len(_factor_cache) > 8:
         _factor_cache.popitem(last=False)
     return rows
@@ -72,7 +73,9 @@ def _factor_rows(hessian: np.ndarray, bs: int, damp: float, cache: bool = True) 
 def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None, hessian: np.ndarray, *,
                          damp: float = DAMP, name: str | None = None, cache_factor: bool = True) -> np.ndarray:
     """Bytes of a 2-D tensor (rows, K) as `qtype`, codes chosen to cancel output error under input covariance
-    `hessian` (K, K). Same shape and dtype as `quants.quantize` returns; float types are not compensated."""
+    `hessian` (K, K). Same shape and dtype as `quants.quantize` returns; float types are not compensated.
+    `cache_factor=False` for a covariance used once (a row's own): its factor is neither hashed nor cached, so it
+    does not evict the shared ones."""
     qtype = quants.parse_type(qtype)
     rows = np.asarray(data, dtype=np.float32)
     what = f"tensor {name!r}" if name else "tensor"
@@ -88,7 +91,7 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
     if k % bs:
         return quants.quantize(rows, qtype, importance, name=name)  # raises the usual one-line error
     try:
-        factor = _factor_rows(hessian, bs, damp, cache_factor)
+        factor = (_cached_factor_rows if cache_factor else _factor_rows)(hessian, bs, damp)
     except quants.QuantInputError as e:
         raise quants.QuantInputError(f"{what}: {e}") from None
     imp = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)

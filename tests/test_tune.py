@@ -241,7 +241,7 @@ def test_tuned_held_out_kl_is_what_the_written_file_measures(tiny_pair, calibrat
     from tune.train import tune_gguf
 
     base, q = tiny_pair
-    kw = dict(ctx=64, chunks=12, val_chunks=3, lr=3e-4, eval_every=5, threads=2, log=lambda _s: None)
+    kw = dict(ctx=64, chunks=12, val_chunks=3, lr=3e-4, eval_every=5, log=lambda _s: None)
     res = tune_gguf(q, base, [calibration_text], tmp_path / "tuned.gguf", steps=10, **kw)
     assert res.best_step > 0 and res.val_best < res.val_before, res
     again = tune_gguf(res.out, base, [calibration_text], tmp_path / "again.gguf", steps=0, **kw)

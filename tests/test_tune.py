@@ -249,6 +249,17 @@ def test_tuned_held_out_kl_is_what_the_written_file_measures(tiny_pair, calibrat
 
 
 @pytest.mark.reference
+def test_chunk_counts_per_text(tiny_pair, calibration_text, evaluation_text, tmp_path):
+    """One count per text: the model's samples can outnumber the imatrix text's chunks."""
+    from tune.train import tune_gguf
+
+    base, q = tiny_pair
+    res = tune_gguf(q, base, [calibration_text, evaluation_text], tmp_path / "t.gguf", steps=0, ctx=64,
+                    chunks=[5, 3], val_chunks=2, log=lambda _s: None)
+    assert (res.train_chunks, res.val_chunks) == (6, 2)
+
+
+@pytest.mark.reference
 def test_tune_zero_steps_writes_the_input_unchanged(tiny_pair, calibration_text, tmp_path):
     base, q = tiny_pair
     out = tmp_path / "same.gguf"
@@ -273,6 +284,10 @@ def test_tune_user_errors_are_one_line(tiny_pair, tiny_model, calibration_text, 
           "--code-lr", "0"), "--code-lr > 0"),
         ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--chunks", "2",
           "--val-chunks", "8", "--ctx", "64"), "need more than --val-chunks"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--chunks", "6,6"),
+         "one per --text (1 given)"),
+        ((str(q), "--base", str(base), "--text", str(calibration_text), "-o", str(out), "--chunks", "many"),
+         "one count per --text"),
     ]
     for args, msg in cases:
         r = _cli(*args)

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of --batch chunks (default 60)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam step, relative to each field (default 1e-4)")
-    p.add_argument("--chunks", type=int, default=40, help="chunks read from each text (default 40)")
+    p.add_argument("--chunks", default="40",
+                   help="chunks read from each text: one count for all, or one per --text, comma-separated "
+                        "(e.g. 40,200: the imatrix's 40 chunks and 200 of the model's samples; default 40)")
     p.add_argument("--val-chunks", type=int, default=8, help="chunks held out to pick the best step (default 8)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
@@ -36,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     return p
+
+
+def _chunk_counts(spec: str, n_texts: int) -> list[int]:
+    from tune import TuneError
+
+    try:
+        counts = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise TuneError(f"--chunks {spec}: give a count, or one count per --text, comma-separated") from None
+    if len(counts) == 1:
+        counts *= n_texts
+    if len(counts) != n_texts or min(counts) < 1:
+        raise TuneError(f"--chunks {spec}: give one positive count, or one per --text ({n_texts} given)")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise TuneError(f"{p}: no such file")
         if a.output.resolve() == a.quant.resolve():
             raise TuneError(f"{a.output}: the output would overwrite the input; choose another -o")
-        res = tune_gguf(a.quant, base, a.text, a.output, steps=a.steps, lr=a.lr, ctx=a.ctx, chunks=a.chunks,
+        chunks = _chunk_counts(a.chunks, len(a.text))
+        res = tune_gguf(a.quant, base, a.text, a.output, steps=a.steps, lr=a.lr, ctx=a.ctx, chunks=chunks,
                         val_chunks=a.val_chunks, batch=a.batch, what=[w.strip() for w in a.what.split(",") if w.strip()],
                         code_lr=a.code_lr,
                         eval_every=max(1, a.eval_every), seed=a.seed, threads=a.threads,

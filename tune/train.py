@@ -52,16 +52,16 @@ class TuneResult:
                 f"{self.val_chunks} chunks{codes}); wrote {self.out} in {self.seconds:.0f}s")
 
 
-def _chunks(gguf_path: Path, texts: Sequence[Path], ctx: int, per_text: int, hp) -> np.ndarray:
+def _chunks(gguf_path: Path, texts: Sequence[Path], ctx: int, per_text: Sequence[int], hp) -> np.ndarray:
     from verify import VerifyError
     from verify.text import chunk_tokens, gguf_tokenizer, read_text
     from verify.torch_engine import chunk_input
 
     encode = gguf_tokenizer(gguf_path)
     out = []
-    for t in texts:
+    for t, n in zip(texts, per_text):
         try:
-            toks = chunk_tokens(encode(read_text(Path(t))), ctx, per_text, bos=hp.bos if hp.add_bos else None,
+            toks = chunk_tokens(encode(read_text(Path(t))), ctx, n, bos=hp.bos if hp.add_bos else None,
                                 source=t)
         except VerifyError as e:
             raise TuneError(str(e)) from None
@@ -109,11 +109,12 @@ def _as_stored(x: torch.Tensor) -> torch.Tensor:
 
 
 def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, steps: int = 60, lr: float = 1e-4,
-              ctx: int = 512, chunks: int = 40, val_chunks: int = 8, batch: int = 2,
+              ctx: int = 512, chunks: int | Sequence[int] = 40, val_chunks: int = 8, batch: int = 2,
               what: Sequence[str] = DEFAULT_WHAT, code_lr: float = 0.003,
               eval_every: int = 15, seed: int = 0, threads: int | None = None,
               log: Callable[[str], None] = print) -> TuneResult:
-    """Tune `quant` against the float `base` GGUF on up to `chunks` chunks of each text; write `out`."""
+    """Tune `quant` against the float `base` GGUF on up to `chunks` chunks of each text (one count for all, or
+    one per text); write `out`."""
     from verify import VerifyError
     from verify.torch_engine import GGUFModel, read_gguf
 
@@ -134,7 +135,10 @@ def tune_gguf(quant: Path, base: Path, texts: Sequence[Path], out: Path, *, step
     _check_pair(qm, bm, quant, base)
     qm.straight_through = True
     hp = qm.hp
-    data = _chunks(quant, texts, ctx, chunks, hp)
+    per_text = [chunks] * len(texts) if isinstance(chunks, int) else list(chunks)
+    if len(per_text) != len(texts):
+        raise TuneError(f"{len(per_text)} chunk counts for {len(texts)} texts: give one count, or one per text")
+    data = _chunks(quant, texts, ctx, per_text, hp)
     if len(data) < val_chunks + 1:
         raise TuneError(f"{len(data)} chunks of {ctx} tokens from {len(texts)} text(s): need more than --val-chunks "
                         f"{val_chunks}; give longer texts or lower --val-chunks")

@@ -22,6 +22,9 @@ What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed b
    not see (never the evaluation text), fitted by strategy.calibrate.
 6. plans at each stock size: budget allocator uncalibrated, ASHQ1, budget allocator calibrated; each converted
    by convert_hf_to_gguf_strategy.py with the same imatrix (the file is checked to be <= the stock file).
+   The calibrated plan is selected and refined by 2-chunk probes; when refinement changed it, both plans are
+   converted and llama-perplexity judges them on --judge-chunks (20) of the calibration text's last quarter
+   (never the evaluation text): a refinement of 36-40 probe-judged steps can overfit its probe chunks.
 6b. tune (--tune-steps, default 60): `python -m tune` fits the calibrated file's block scales and norm vectors
    end to end against the float checkpoint (KL on the calibration text's imatrix chunks plus the model's samples,
    8 chunks held out to keep the best step); codes, types and size are unchanged.
@@ -48,6 +51,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -368,15 +373,32 @@ class Bench:
     # 6. plans + conversion
     def plan_and_convert(self, mix: str, method: str, target: int, ctx: dict) -> Path:
         from strategy.build import build
+
+        kw = self.build_kw(mix, method, ctx)
+        if method != "cal":
+            res = build(ctx["meas"], ctx["metas"], method="ashq1" if method == "ashq1" else "budget",
+                        target_size=target, **kw)
+            return self.convert(mix, method, res, target, ctx)
+        res = self.select_plan(mix, target, ctx, kw)
+        start = ctx.get("unrefined", {}).get(mix)
+        if self.a.judge_chunks <= 0 or start is None or np.array_equal(start.choice, res.choice):
+            return self.convert(mix, method, res, target, ctx)
+        # the refinement kept every change its 2-chunk probe measured as a gain: confirm it on more text
+        files = {"refined": self.convert(mix, method, res, target, ctx),
+                 "unrefined": self.convert(mix, method, start, target, ctx)}
+        kld = {k: self.judge_kld(f)["kld_mean"] for k, f in files.items()}
+        kept = "refined" if kld["refined"] <= kld["unrefined"] else "unrefined"
+        ctx["selection"][mix]["judge"] = {"chunks": self.a.judge_chunks, "kept": kept, **kld}
+        log(f"  {mix}: judge ({self.a.judge_chunks} x {self.a.eval_ctx} tokens of {self.judge_text().name}): "
+            f"refined {kld['refined']:.5f}, unrefined {kld['unrefined']:.5f} -> {kept}")
+        winner = res if kept == "refined" else start
+        return self.convert(mix, method, winner, target, ctx)  # cached: leaves the winner's plan in plans/
+
+    def convert(self, mix: str, method: str, res, target: int, ctx: dict) -> Path:
+        """Write `res`'s plan as plans/plan-MIX-METHOD.yaml and convert it (cached by the plan's digest)."""
         from strategy.plan import save_plan
 
         plan_name = self.plan_name(mix, method)
-        kw = self.build_kw(mix, method, ctx)
-        if method == "cal":
-            res = self.select_plan(mix, target, ctx, kw)
-        else:
-            res = build(ctx["meas"], ctx["metas"], method="ashq1" if method == "ashq1" else "budget",
-                        target_size=target, **kw)
         d = self.dir / "plans"
         d.mkdir(exist_ok=True)
         tmp_plan = d / f".{plan_name}"
@@ -445,6 +467,8 @@ class Bench:
                                   refine_rounds=self.a.refine_rounds, log=log)
         ctx.setdefault("selection", {})[mix] = record
         ctx.setdefault("selected", {})[mix] = res
+        if record["chosen"] in results:
+            ctx.setdefault("unrefined", {})[mix] = results[record["chosen"]]
         log(f"  {mix}: chose {record['chosen']}")
         return res
 
@@ -497,10 +521,39 @@ class Bench:
                                f"({a.eval_chunks} x {a.eval_ctx})")
         return out
 
-    def kld(self, gguf: Path) -> dict:
+    def judge_text(self) -> Path:
+        """The calibration text from --judge-offset on: after the probes' passages, never the evaluation text."""
+        k = key_of(self.calib_sha, self.a.judge_offset)
+        out = self.dir / f"judge-text-{k}.txt"
+
+        def make(tmp: Path) -> None:
+            text = self.calib_text.read_text(encoding="utf-8", errors="replace")
+            tmp.write_text(text[int(len(text) * self.a.judge_offset):], encoding="utf-8")
+        return produce(out, make, "judge text slice")
+
+    def judge_base(self) -> Path:
+        a = self.a
+        k = key_of(sha_file(self.base())[:16], sha_file(self.judge_text()), a.eval_ctx, a.judge_chunks)
+        out = self.dir / f"judge-base-{k}.bin"
+        if not out.exists():
+            from verify.llamacpp_engine import LlamaCppEngine
+
+            def make(tmp: Path) -> None:
+                LlamaCppEngine(self.ref.tool("llama-perplexity"), threads=self.threads).run_base(
+                    self.base(), self.judge_text(), a.eval_ctx, a.judge_chunks, tmp)
+            produce(out, make, f"llama-perplexity --kl-divergence-base on the judge text "
+                               f"({a.judge_chunks} x {a.eval_ctx})")
+        return out
+
+    def judge_kld(self, gguf: Path) -> dict:
+        """llama.cpp's KLD on the judge text (cached beside the file)."""
+        return self.kld(gguf, self.judge_base())
+
+    def kld(self, gguf: Path, base: Path | None = None) -> dict:
+        """llama.cpp's KLD of `gguf` against `base` (default: the evaluation text's), cached beside the file."""
         from verify.llamacpp_engine import LlamaCppEngine
 
-        base = self.kld_base()
+        base = base or self.kld_base()
         out = gguf.with_name(f"{gguf.stem}.kld-{base.stem}.json")
         if out.exists():
             return json.loads(out.read_text())
@@ -583,6 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "candidates of the probe selection (default none: the sparse fit's plans never won a selection)")
     ap.add_argument("--refine-rounds", type=int, default=1,
                     help="rounds of probe-judged refinement of the selected plan (strategy.select.refine_by_probe)")
+    ap.add_argument("--judge-chunks", type=int, default=20,
+                    help="when refinement changed the calibrated plan, convert it and its unrefined start and keep the "
+                         "one with the lower llama.cpp KLD on this many chunks of the calibration text from "
+                         "--judge-offset on (the 2-chunk probes of 36-40 refinement steps overfit: docs/quality.md); 0: "
+                         "keep the refined plan")
+    ap.add_argument("--judge-offset", type=float, default=0.75,
+                    help="the judge reads the calibration text from this fraction on (after the probes' passages)")
     ap.add_argument("--probe-offset", type=float, default=0.5,
                     help="probes read the calibration text from this fraction on (the imatrix read the start)")
     ap.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
@@ -696,6 +756,10 @@ def main(argv: list[str] | None = None) -> int:
             if sel.get("refine"):
                 r = sel["refine"]
                 print(f"  {'':8s} refined: probe KLD {r['start']:.5f} -> {r['end']:.5f} ({r['probes']} probes)")
+            if sel.get("judge"):
+                j = sel["judge"]
+                print(f"  {'':8s} judged by llama.cpp on {j['chunks']} chunks of the calibration text: refined "
+                      f"{j['refined']:.5f}, unrefined {j['unrefined']:.5f} -> {j['kept']} written")
     if check:
         print(f"\n`python -m strategy build` end-to-end check at the {a.check_mix} size "
               f"({a.probe_chunks} chunks of the calibration text):\n  {check}")

@@ -388,7 +388,8 @@ class Bench:
                  "unrefined": self.convert(mix, method, start, target, ctx)}
         kld = {k: self.judge_kld(f)["kld_mean"] for k, f in files.items()}
         kept = "refined" if kld["refined"] <= kld["unrefined"] else "unrefined"
-        ctx["selection"][mix]["judge"] = {"chunks": self.a.judge_chunks, "kept": kept, **kld}
+        # a new dict: the refined plan's target holds the selection record, and its digest names the converted file
+        ctx["selection"][mix] = {**ctx["selection"][mix], "judge": {"chunks": self.a.judge_chunks, "kept": kept, **kld}}
         log(f"  {mix}: judge ({self.a.judge_chunks} x {self.a.eval_ctx} tokens of {self.judge_text().name}): "
             f"refined {kld['refined']:.5f}, unrefined {kld['unrefined']:.5f} -> {kept}")
         winner = res if kept == "refined" else start

@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the check's probes round activations as llama.cpp's CPU matmul does (about 2x slower)")
     b.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="with --check-text: rounds of probe-judged refinement of the chosen plan (one probe per tensor "
-                        "group and factor; kept only when the measured KLD drops)")
+                        "group and factor; kept only when the measured KLD drops). Each of its 35-40 steps is judged "
+                        "on the --check-chunks probe chunks, so on few chunks it can fit their noise: on SmolLM2 a "
+                        "refinement on 2 chunks lost 5%% on unseen text (docs/quality.md); use more "
+                        "chunks and compare both plans on text neither read")
     b.add_argument("--no-select", action="store_true",
                    help="with --check-text and a calibration, the plan of each of its proxies and the stock-like mix "
                         "are probed and the lowest KLD is written; this keeps the calibration's own choice without "

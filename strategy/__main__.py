@@ -153,11 +153,22 @@ def _select(a, res, meas, metas, kv, cal, cons, importance, groups, target_size,
           f"{a.check_text}")
     chosen, record = choose_plan(results, engine, budget=res.plan.target.get("bytes"), stock=stock,
                                  build_stock=lambda m: build(meas, metas, method="stock", stock_mix=m, **kw),
-                                 refine_rounds=a.refine, log=print)
+                                 refine_rounds=a.refine, judge=(lambda: _judge_engine(a)) if a.judge_chunks > 0 else None,
+                                 log=print)
     if record["chosen"] not in results:
         print(f"select: the {record['chosen']} mix measured best; writing it (no calibrated plan beat it)")
     print(f"select: chose {record['chosen']}")
     return chosen
+
+
+def _judge_engine(a):
+    print(f"judge: the refinement changed the plan; measuring it and its start on up to {a.judge_chunks} chunks of "
+          f"{a.check_text} after the {a.check_chunks} probe chunks")
+    try:
+        return _probe_engine(a, judge=True)
+    except StrategyError as e:
+        raise StrategyError(f"{e} (the refinement's judge reads --judge-chunks after the --check-chunks; lower them, "
+                            f"or --judge-chunks 0 to keep the refined plan unjudged)") from None
 
 
 def _stock_check(a, res, meas, metas, kv, cal, cons=None, importance=None) -> int:
@@ -196,14 +207,16 @@ def _stock_check(a, res, meas, metas, kv, cal, cons=None, importance=None) -> in
     return 0
 
 
-def _probe_engine(a):
+def _probe_engine(a, judge: bool = False):
     """A `probe(assignments) -> mean KLD` from verify.probe when installed and a check text is given.
 
-    Round trips use the imatrix (--imatrix) as the converter would, so the probe measures the file we write."""
+    Round trips use the imatrix (--imatrix) as the converter would, so the probe measures the file we write.
+    `judge`: a second session on the --judge-chunks chunks of the check text that follow the probe's."""
     if not getattr(a, "check_text", None) or not a.model:
         return None
-    if getattr(a, "_probe", None) is not None:  # one session per command: loading the model is the slow part
-        return a._probe
+    attr = "_judge" if judge else "_probe"
+    if getattr(a, attr, None) is not None:  # one session per command and role: loading the model is the slow part
+        return getattr(a, attr)
     try:
         from verify.probe import ProbeSession  # the verify engineer's engine
     except ImportError:
@@ -213,8 +226,14 @@ def _probe_engine(a):
         from measure.hessian import load_hessians
 
         hessians = load_hessians(a.hessian)
-    session = ProbeSession(a.model, a.check_text, n_chunks=a.check_chunks,
-                           emulate_ggml=bool(getattr(a, "emulate_ggml", False)), hessians=hessians)
+    chunks = dict(n_chunks=a.judge_chunks, skip_chunks=a.check_chunks) if judge else dict(n_chunks=a.check_chunks)
+    from verify import VerifyError
+
+    try:
+        session = ProbeSession(a.model, a.check_text, **chunks,
+                               emulate_ggml=bool(getattr(a, "emulate_ggml", False)), hessians=hessians)
+    except VerifyError as e:
+        raise StrategyError(str(e)) from None
     imp: dict = {}
     if getattr(a, "imatrix", None):
         from measure.imatrix import load_imatrix
@@ -226,7 +245,7 @@ def _probe_engine(a):
                 imp[name] = v
     def probe(assign: dict[str, str]) -> float:
         return float(session.probe(assign, importance={n: imp[n] for n in assign if n in imp}).kld_mean)
-    a._probe = probe
+    setattr(a, attr, probe)
     return probe
 
 
@@ -325,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --check-text: rounds of probe-judged refinement of the chosen plan (one probe per tensor "
                         "group and factor; kept only when the measured KLD drops). Each of its 35-40 steps is judged "
                         "on the --check-chunks probe chunks, so on few chunks it can fit their noise: on SmolLM2 a "
-                        "refinement on 2 chunks lost 5%% on unseen text (docs/quality.md); use more "
-                        "chunks and compare both plans on text neither read")
+                        "refinement on 2 chunks lost 5%% on unseen text (docs/quality.md), hence --judge-chunks")
+    b.add_argument("--judge-chunks", type=int, default=8, metavar="N",
+                   help="with --refine: when the refinement changed the plan, measure it and the unrefined plan on the "
+                        "N chunks of --check-text after the probe chunks and keep the lower (default 8; 0: keep the "
+                        "refined plan unjudged)")
     b.add_argument("--no-select", action="store_true",
                    help="with --check-text and a calibration, the plan of each of its proxies and the stock-like mix "
                         "are probed and the lowest KLD is written; this keeps the calibration's own choice without "

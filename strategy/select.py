@@ -97,11 +97,15 @@ def refine_by_probe(c: Candidates, choice: np.ndarray, probe: Probe, budget: int
 
 def choose_plan(results: Mapping[str, BuildResult], probe: Probe, *, budget: int | None = None,
                 stock: tuple[str, np.ndarray] | None = None, build_stock: Callable[[str], BuildResult] | None = None,
-                refine_rounds: int = 0, log: Callable[[str], None] | None = None) -> tuple[BuildResult, dict]:
+                refine_rounds: int = 0, judge: Callable[[], Probe] | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[BuildResult, dict]:
     """The plan to write: every calibrated result (same budget) and the stock-like `(mix, choice)` probed once,
     the lowest KLD kept and, when it is a calibrated plan, refined by `refine_rounds` of refine_by_probe.
-    `build_stock(mix)` makes the stock-like result if it wins. Returns (chosen, record); the record is also
-    stored as the plan's target["selection"]."""
+    `build_stock(mix)` makes the stock-like result if it wins. When the refinement changed the plan and `judge`
+    is given (it makes a probe on other text than `probe`'s; called only then, as a session is costly to load),
+    the judge measures the refined and the unrefined plan and the lower is kept: 35-40 probe-judged steps can
+    fit the noise of a few probe chunks.
+    Returns (chosen, record); the record is also stored as the plan's target["selection"]."""
     log = log or (lambda s: None)
     c = next(iter(results.values())).cands
     choices = {k: r.choice for k, r in results.items()}
@@ -116,9 +120,22 @@ def choose_plan(results: Mapping[str, BuildResult], probe: Probe, *, budget: int
     else:
         chosen = results[best]
         if refine_rounds > 0 and budget is not None:
+            start = chosen
             chosen, record["refine"] = _refined(chosen, probe, budget, refine_rounds, log)
+            if judge is not None and chosen is not start:
+                chosen, record["judge"] = _judged(start, chosen, judge, log)
     chosen.plan.target["selection"] = record
     return chosen, record
+
+
+def _judged(start: BuildResult, refined: BuildResult, make_judge: Callable[[], Probe],
+            log: Callable[[str], None]) -> tuple[BuildResult, dict]:
+    """The refined plan only if the judge measures it lower than its start (a tie keeps the start)."""
+    judge = make_judge()
+    k = {name: float(judge(r.cands.types_of(r.choice))) for name, r in (("refined", refined), ("unrefined", start))}
+    kept = "refined" if k["refined"] < k["unrefined"] else "unrefined"
+    log(f"  judge: refined {k['refined']:.5f}, unrefined {k['unrefined']:.5f} -> {kept} kept")
+    return (refined if kept == "refined" else start), {**k, "kept": kept}
 
 
 def _refined(res: BuildResult, probe: Probe, budget: int, rounds: int, log: Callable[[str], None]

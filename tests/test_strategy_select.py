@@ -98,6 +98,16 @@ def test_cli_build_selects_by_probe_on_a_tiny_model(tiny_model, tmp_path, calibr
     assert refined["size"] <= refined["bytes"]
     if "refined_by_probe" in refined:  # a kept refinement measured lower than the selected plan
         assert refined["refined_by_probe"]["end"] < refined["refined_by_probe"]["start"]
+    sel = refined["selection"]
+    if sel["refine"]["end"] < sel["refine"]["start"]:  # the refinement changed the plan: judged on other chunks
+        j = sel["judge"]
+        assert "judge: refined" in p.stdout, p.stdout
+        assert j["kept"] == ("refined" if j["refined"] < j["unrefined"] else "unrefined")
+        assert ("refined_by_probe" in refined) == (j["kept"] == "refined")
+    p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
+            "--check-text", evaluation_text, "--check-chunks", "1", "--refine", "1", "--judge-chunks", "0",
+            "-o", tmp_path / "p4.yaml")
+    assert "judge:" not in p.stdout and "judge" not in load_plan(tmp_path / "p4.yaml").target["selection"]
 
 
 def test_refine_by_probe_finds_a_group_the_calibration_underrates():
@@ -134,3 +144,65 @@ def test_refine_without_a_check_text_is_a_one_line_error(tmp_path):
                         "--refine", "1", "-o", tmp_path / "p.yaml"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode != 0 and "--refine" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.parametrize("judge_agrees", [False, True])
+def test_choose_plan_judge_keeps_a_refinement_only_when_it_measures_lower(judge_agrees):
+    """The probe charges ffn_down 20x, so the refinement moves bytes there. A judge that prices like the model
+    (under which the unrefined plan is optimal) keeps the start; a judge that agrees with the probe keeps the
+    refinement. Both plans are judged once, and the record says which was kept."""
+    from strategy.build import build
+    from strategy.select import choose_plan
+
+    meas, metas = synth_model(n_layers=6, seed=11)
+    c0 = build_candidates(meas, metas)
+    budget = int(c0.min_bytes() + 0.35 * (c0.max_bytes() - c0.min_bytes()))
+    start = build(meas, metas, method="budget", target_size=budget)
+    c, idx = start.cands, start.cands.index()
+
+    def priced(weight_down: float):
+        def probe(assign):
+            return sum((weight_down if c.classes[idx[n]] == "ffn_down" else 1.0) * c.loss[idx[n], c.types.index(t)]
+                       for n, t in assign.items())
+        return probe
+
+    judged = []
+
+    def make_judge():
+        inner = priced(20.0 if judge_agrees else 1.0)
+
+        def judge(assign):
+            judged.append(assign)
+            return inner(assign)
+        return judge
+
+    chosen, record = choose_plan({"a": start}, priced(20.0), budget=budget, refine_rounds=1, judge=make_judge)
+    assert record["refine"]["end"] < record["refine"]["start"]  # the refinement changed the plan
+    assert len(judged) == 2 and record["judge"]["kept"] == ("refined" if judge_agrees else "unrefined")
+    assert record["judge"]["refined"] != record["judge"]["unrefined"]
+    if judge_agrees:
+        assert chosen is not start and "refined_by_probe" in chosen.plan.target
+    else:
+        assert chosen is start and np.array_equal(chosen.choice, start.choice)
+    assert chosen.plan.target["selection"]["judge"] == record["judge"]
+    assert chosen.size <= budget
+
+
+def test_choose_plan_does_not_load_a_judge_when_the_refinement_kept_the_plan():
+    from strategy.build import build
+    from strategy.select import choose_plan
+
+    meas, metas = synth_model(n_layers=4, seed=3)
+    c0 = build_candidates(meas, metas)
+    budget = int(c0.min_bytes() + 0.4 * (c0.max_bytes() - c0.min_bytes()))
+    start = build(meas, metas, method="budget", target_size=budget)
+    first = start.cands.types_of(start.choice)
+
+    def start_is_best(assign):  # every other plan measures worse: the refinement keeps the start
+        return 0.0 if assign == first else 1.0
+
+    def no_judge():
+        raise AssertionError("the judge was loaded")
+
+    chosen, record = choose_plan({"a": start}, start_is_best, budget=budget, refine_rounds=1, judge=no_judge)
+    assert chosen is start and "judge" not in record

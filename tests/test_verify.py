@@ -251,6 +251,22 @@ def test_base_file_roundtrip(tmp_path):
 
 # --------------------------------------------------------------------------------------------- probe API
 @pytest.mark.reference
+def test_probe_session_skips_the_chunks_another_session_read(tiny_gguf, evaluation_text):
+    """A judge reads the chunks after the probe's: skip_chunks drops exactly those, and a text with none left is a
+    one-line error."""
+    from verify import VerifyError
+    from verify.probe import ProbeSession
+
+    base, _ = tiny_gguf("llama")
+    first = ProbeSession(base, evaluation_text, n_ctx=CTX, n_chunks=CHUNKS + 2)
+    judge = ProbeSession(base, evaluation_text, n_ctx=CTX, n_chunks=2, skip_chunks=CHUNKS)
+    assert np.array_equal(judge.tokens, first.tokens[CHUNKS:])
+    with pytest.raises(VerifyError, match="none left after the first 100000") as e:
+        ProbeSession(base, evaluation_text, n_ctx=CTX, n_chunks=2, skip_chunks=100000)
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.reference
 def test_probe_matches_quantized_gguf(tiny_gguf, reference, evaluation_text, tmp_path):
     """All matrices round-tripped to Q8_0 in memory == llama-quantize --pure Q8_0 evaluated by the torch engine."""
     from verify.probe import ProbeSession

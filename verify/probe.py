@@ -99,7 +99,7 @@ class ProbeSession:
 
     def __init__(self, model: Path | str, text: Path | str, *, n_ctx: int = 512, n_chunks: int = 4,
                  threads: int | None = None, cache_dir: Path | None = None, batch: int = 4,
-                 emulate_ggml: bool = False, verbose: bool = False, hessians: Any = None):
+                 emulate_ggml: bool = False, verbose: bool = False, hessians: Any = None, skip_chunks: int = 0):
         t0 = time.time()
         model = Path(model)
         model_dir = model if model.is_dir() else None
@@ -112,7 +112,13 @@ class ProbeSession:
         self.n_ctx, self.first, self.batch = n_ctx, n_ctx // 2, max(1, batch)
         hp = self.model.hp
         toks = gguf_tokenizer(self.gguf)(read_text(Path(text)))
-        self.tokens = chunk_tokens(toks, n_ctx, n_chunks, bos=hp.bos if hp.add_bos else None, source=text)
+        # skip_chunks: the chunks after another session's (a judge must not read the text its candidates were fitted on)
+        tokens = chunk_tokens(toks, n_ctx, n_chunks + skip_chunks if n_chunks else None,
+                              bos=hp.bos if hp.add_bos else None, source=text)
+        if len(tokens) <= skip_chunks:
+            raise VerifyError(f"{text}: {len(tokens)} chunks of {n_ctx} tokens, none left after the first {skip_chunks}; "
+                              f"use a longer text")
+        self.tokens = tokens[skip_chunks:]
         self.inputs = torch.from_numpy(np.stack([chunk_input(t, hp) for t in self.tokens]).astype(np.int64))
         self.originals = dict(self.model.w)
         self.original_types = dict(self.model.qtypes)

@@ -270,15 +270,18 @@ class Bench:
         return db
 
     # 5. calibration
-    def probe_text(self) -> Path:
-        """The part of the calibration text after what the imatrix read (same source, unseen passages)."""
-        k = key_of(self.calib_sha, self.a.probe_offset)
-        out = self.dir / f"probe-text-{k}.txt"
+    def calib_slice(self, role: str, offset: float) -> Path:
+        """The calibration text from `offset` (a fraction) on: passages the imatrix, which reads the start, did not."""
+        out = self.dir / f"{role}-text-{key_of(self.calib_sha, offset)}.txt"
 
         def make(tmp: Path) -> None:
             text = self.calib_text.read_text(encoding="utf-8", errors="replace")
-            tmp.write_text(text[int(len(text) * self.a.probe_offset):], encoding="utf-8")
-        return produce(out, make, "probe text slice")
+            tmp.write_text(text[int(len(text) * offset):], encoding="utf-8")
+        return produce(out, make, f"{role} text slice")
+
+    def probe_text(self) -> Path:
+        """The part of the calibration text after what the imatrix read (same source, unseen passages)."""
+        return self.calib_slice("probe", self.a.probe_offset)
 
     def calibration(self, cands, imatrix_path: Path, steps: str, emulate: bool):
         """Fit (cached by the fitting code's hash); every probe's KLD is memoised on disk by its assignment, so a
@@ -524,13 +527,7 @@ class Bench:
 
     def judge_text(self) -> Path:
         """The calibration text from --judge-offset on: after the probes' passages, never the evaluation text."""
-        k = key_of(self.calib_sha, self.a.judge_offset)
-        out = self.dir / f"judge-text-{k}.txt"
-
-        def make(tmp: Path) -> None:
-            text = self.calib_text.read_text(encoding="utf-8", errors="replace")
-            tmp.write_text(text[int(len(text) * self.a.judge_offset):], encoding="utf-8")
-        return produce(out, make, "judge text slice")
+        return self.calib_slice("judge", self.a.judge_offset)
 
     def judge_base(self) -> Path:
         a = self.a

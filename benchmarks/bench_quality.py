@@ -391,8 +391,7 @@ class Bench:
                  "unrefined": self.convert(mix, method, start, target, ctx)}
         kld = {k: self.judge_kld(f)["kld_mean"] for k, f in files.items()}
         kept = "refined" if kld["refined"] <= kld["unrefined"] else "unrefined"
-        # a new dict: the refined plan's target holds the selection record, and its digest names the converted file
-        ctx["selection"][mix] = {**ctx["selection"][mix], "judge": {"chunks": self.a.judge_chunks, "kept": kept, **kld}}
+        ctx["selection"][mix]["judge"] = {"chunks": self.a.judge_chunks, "kept": kept, **kld}
         log(f"  {mix}: judge ({self.a.judge_chunks} x {self.a.eval_ctx} tokens of {self.judge_text().name}): "
             f"refined {kld['refined']:.5f}, unrefined {kld['unrefined']:.5f} -> {kept}")
         winner = res if kept == "refined" else start
@@ -408,8 +407,9 @@ class Bench:
         tmp_plan = d / f".{plan_name}"
         save_plan(res.plan, tmp_plan)
         h = self.hessian()
-        # other covariance or other quantizer code, other bytes
-        digest = (sha_file(tmp_plan)[:12] + ("" if h is None else f"-{h.stem}") + f"-q{self.encoding}"
+        # the plan's digest (its types: what the converter writes, not the evidence or the selection record it
+        # carries); other covariance or other quantizer code, other bytes
+        digest = (res.plan.digest()[:12] + ("" if h is None else f"-{h.stem}") + f"-q{self.encoding}"
                   + (f"-s{self.smoothing_key()}" if self.smoothing_key() else ""))
         plan_path = d / plan_name
         os.replace(tmp_plan, plan_path)

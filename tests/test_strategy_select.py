@@ -99,11 +99,11 @@ def test_cli_build_selects_by_probe_on_a_tiny_model(tiny_model, tmp_path, calibr
     if "refined_by_probe" in refined:  # a kept refinement measured lower than the selected plan
         assert refined["refined_by_probe"]["end"] < refined["refined_by_probe"]["start"]
     sel = refined["selection"]
-    if sel["refine"]["end"] < sel["refine"]["start"]:  # the refinement changed the plan: judged on other chunks
-        j = sel["judge"]
-        assert "judge: refined" in p.stdout, p.stdout
-        assert j["kept"] == ("refined" if j["refined"] < j["unrefined"] else "unrefined")
-        assert ("refined_by_probe" in refined) == (j["kept"] == "refined")
+    assert sel["refine"]["end"] < sel["refine"]["start"], p.stdout  # this model's refinement changes the plan
+    j = sel["judge"]  # so both plans were judged on the chunks after the probe's
+    assert "judge: refined" in p.stdout, p.stdout
+    assert j["kept"] == ("refined" if j["refined"] < j["unrefined"] else "unrefined")
+    assert ("refined_by_probe" in refined) == (j["kept"] == "refined")
     p = run("build", "--db", db, "--model", model, "--target-bpw", "4.5", "--calibration", cal,
             "--check-text", evaluation_text, "--check-chunks", "1", "--refine", "1", "--judge-chunks", "0",
             "-o", tmp_path / "p4.yaml")

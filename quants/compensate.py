@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 import quants
-from quants import levels
+from quants import levels, polish
 
 DAMP = 0.01          # fraction of mean(diag H) added to the diagonal: H from a few thousand tokens is near-singular
 ROW_CHUNK = 4096     # rows corrected at once (float64 working copy)
@@ -39,15 +39,8 @@ _factor_cache: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
 
 def _factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.ndarray]:
     """Per block column b starting at c: rows c..c+bs of U from column c on (bs, K - c); H^-1 = U^T U."""
-    h = np.array(hessian, dtype=np.float64)  # a copy: damped below
+    h = polish.damped(hessian, damp)
     k = h.shape[0]
-    diag = np.diag(h).copy()
-    dead = diag <= 0  # columns never activated: any value is free; keep them out of the factorisation
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h[dead, dead] = 1.0
-    live_mean = float(diag[~dead].mean()) if (~dead).any() else 1.0
-    h[np.diag_indices(k)] += damp * live_mean
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
     except np.linalg.LinAlgError:
@@ -71,11 +64,13 @@ def _cached_factor_rows(hessian: np.ndarray, bs: int, damp: float) -> list[np.nd
 
 
 def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None, hessian: np.ndarray, *,
-                         damp: float = DAMP, name: str | None = None, cache_factor: bool = True) -> np.ndarray:
+                         damp: float = DAMP, name: str | None = None, cache_factor: bool = True,
+                         do_polish: bool = True) -> np.ndarray:
     """Bytes of a 2-D tensor (rows, K) as `qtype`, codes chosen to cancel output error under input covariance
     `hessian` (K, K). Same shape and dtype as `quants.quantize` returns; float types are not compensated.
     `cache_factor=False` for a covariance used once (a row's own): its factor is neither hashed nor cached, so it
-    does not evict the shared ones."""
+    does not evict the shared ones. `do_polish=False` stops after the walk (`quants.polish` refines its codes and
+    scales)."""
     qtype = quants.parse_type(qtype)
     rows = np.asarray(data, dtype=np.float32)
     what = f"tensor {name!r}" if name else "tensor"
@@ -96,8 +91,10 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
         raise quants.QuantInputError(f"{what}: {e}") from None
     imp = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(-1)
     pieces = []
+    h_polish = polish.damped(hessian, polish.DAMP) if do_polish else None
     for r0 in range(0, rows.shape[0], ROW_CHUNK):
         w = rows[r0:r0 + ROW_CHUNK].astype(np.float64)
+        w0 = w.copy() if do_polish else None
         cols = []
         for bi, c in enumerate(range(0, k, bs)):
             e = c + bs
@@ -107,7 +104,10 @@ def quantize_compensated(data: np.ndarray, qtype, importance: np.ndarray | None,
             cols.append(levels.pack_codes(blocks, codes, qtype))
             if e < k:
                 w[:, e:] -= err @ factor[bi][:, bs:]
-        pieces.append(np.concatenate(cols, axis=1))
+        out = np.concatenate(cols, axis=1)
+        if do_polish:
+            out = polish.polish(w0, out, qtype, h_polish)
+        pieces.append(out)
     return np.concatenate(pieces, axis=0)
 
 
@@ -125,11 +125,11 @@ class RowCovariances:
 
 def quantize_compensated_rows(data: np.ndarray, qtype, importance: np.ndarray | None, hessian: np.ndarray,
                               row_covariances: RowCovariances, *, damp: float = DAMP,
-                              name: str | None = None) -> np.ndarray:
+                              name: str | None = None, do_polish: bool = True) -> np.ndarray:
     """`quantize_compensated` with the shared `hessian`, then each row of `row_covariances` re-encoded under its
     own matrix (its diagonal as the block search's importance). Rows are independent, so the bytes of the other
     rows are those of the shared encoding."""
-    out = quantize_compensated(data, qtype, importance, hessian, damp=damp, name=name)
+    out = quantize_compensated(data, qtype, importance, hessian, damp=damp, name=name, do_polish=do_polish)
     if quants.parse_type(qtype).name in _NOT_COMPENSATED:
         return out
     rows = np.asarray(data, dtype=np.float32)
@@ -140,7 +140,7 @@ def quantize_compensated_rows(data: np.ndarray, qtype, importance: np.ndarray | 
                                          f"another model?")
         hv = np.asarray(row_covariances.covariance(int(v)), dtype=np.float64)
         out[v] = quantize_compensated(rows[v:v + 1], qtype, np.diag(hv).astype(np.float32), hv, damp=damp,
-                                      name=name, cache_factor=False)[0]
+                                      name=name, cache_factor=False, do_polish=do_polish)[0]
     return out
 
 

@@ -1,5 +1,6 @@
 """Error-compensated (GPTQ-style) encoding, `quants.compensate`: same GGUF types, blocks ggml decodes, chosen to
-cancel output error trace(E H E^T) under an input covariance H."""
+cancel output error trace(E H E^T) under an input covariance H. The walk's own properties are tested with
+`do_polish=False`; the polish that follows it by default is tested in test_polish.py."""
 
 from __future__ import annotations
 
@@ -59,19 +60,20 @@ def _decode(q: np.ndarray, qtype, shape) -> np.ndarray:
 def test_diagonal_hessian_equals_plain_quantize(qtype):
     w = _weights(seed=10)
     h = np.diag(np.random.default_rng(11).gamma(0.7, 1.0, K) + 0.05)
-    got = quantize_compensated(w, qtype, None, h)
+    got = quantize_compensated(w, qtype, None, h, do_polish=False)
     want = quants.quantize(w, qtype, None)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(quants.quantize(w, qtype, None, hessian=h), want)  # the public dispatch
+    # the public dispatch is the polished encoding
+    np.testing.assert_array_equal(quants.quantize(w, qtype, None, hessian=h), quantize_compensated(w, qtype, None, h))
 
 
 @pytest.mark.parametrize("qtype", PER_BLOCK_STAT, ids=lambda t: t.name)
 def test_diagonal_hessian_with_importance_equals_plain_quantize(qtype):
     w, imp = _weights(seed=12), _importance()
     h = np.diag(imp.astype(np.float64) + 0.05)
-    np.testing.assert_array_equal(quantize_compensated(w, qtype, imp, h), quants.quantize(w, qtype, imp))
-    np.testing.assert_array_equal(quants.quantize(w, qtype, imp, hessian=h), quants.quantize(w, qtype, imp))
+    np.testing.assert_array_equal(quantize_compensated(w, qtype, imp, h, do_polish=False),
+                                  quants.quantize(w, qtype, imp))
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
@@ -83,7 +85,7 @@ def test_diagonal_hessian_legacy_importance_is_blockwise_quantize(qtype):
     bs = quants.block_size(qtype)
     blockwise = np.concatenate([quants.quantize(np.ascontiguousarray(w[:, c:c + bs]), qtype, imp[c:c + bs])
                                 for c in range(0, K, bs)], axis=1)
-    np.testing.assert_array_equal(quantize_compensated(w, qtype, imp, h), blockwise)
+    np.testing.assert_array_equal(quantize_compensated(w, qtype, imp, h, do_polish=False), blockwise)
 
 
 # --- a correlated H: lower output error, still ggml-decodable bytes ----------------------------------------
@@ -105,7 +107,8 @@ def test_correlated_hessian_lowers_output_error(qtype, with_importance, hessian)
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q6_K, T.IQ4_NL, T.Q5_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K],
+                         ids=lambda t: t.name)
 def test_compensated_bytes_decode_with_libggml(reference, qtype, hessian):
     from llamacpp.ggml import ggml_dequantize, load_libggml
 
@@ -164,7 +167,7 @@ def test_matches_reference_gptq_with_libggml_blocks(reference, qtype, hessian):
 
     load_libggml(str(reference.libggml_base()))
     w = _weights(rows=32, seed=22)
-    ours = quants.quantize(w, qtype, hessian=hessian)
+    ours = quantize_compensated(w, qtype, None, hessian, do_polish=False)
     ref = _reference_gptq(w, qtype, hessian)
     same_rows = (ours == ref).all(axis=1)
     assert same_rows.mean() >= 0.9, f"{qtype.name}: {int((~same_rows).sum())} of {len(same_rows)} rows differ"
@@ -172,8 +175,8 @@ def test_matches_reference_gptq_with_libggml_blocks(reference, qtype, hessian):
 
 def test_damping_is_used(hessian):
     w = _weights(rows=16, seed=23)
-    a = quantize_compensated(w, T.Q4_0, None, hessian)
-    b = quantize_compensated(w, T.Q4_0, None, hessian, damp=10.0)  # H swamped by the identity: ~ plain
+    a = quantize_compensated(w, T.Q4_0, None, hessian, do_polish=False)
+    b = quantize_compensated(w, T.Q4_0, None, hessian, damp=10.0, do_polish=False)  # H swamped by the identity
     assert not np.array_equal(a, b)
     assert _output_error(w, _decode(a, T.Q4_0, w.shape), hessian) < _output_error(w, _decode(b, T.Q4_0, w.shape),
                                                                                   hessian)
@@ -281,12 +284,13 @@ def test_dead_columns(qtype):
         plain = quants.round_trip(w, qtype, imp)
         assert _output_error(w, y, h) < _output_error(w, plain, h)
         if quants.block_size(qtype) == 32:  # dead columns get no correction: the trailing dead block is plain
-            np.testing.assert_array_equal(y[:, 480:], plain[:, 480:])
+            walked = _decode(quantize_compensated(w, qtype, imp, h, do_polish=False), qtype, w.shape)
+            np.testing.assert_array_equal(walked[:, 480:], plain[:, 480:])
 
 
 def test_all_dead_hessian_is_plain():
     w = _weights(rows=8, seed=51)
-    np.testing.assert_array_equal(quantize_compensated(w, T.Q4_K, None, np.zeros((K, K))),
+    np.testing.assert_array_equal(quantize_compensated(w, T.Q4_K, None, np.zeros((K, K)), do_polish=False),
                                   quants.quantize(w, T.Q4_K))
 
 

@@ -177,6 +177,19 @@ def round_trip(data: np.ndarray, qtype: GGMLQuantizationType | str, importance: 
     return dequantize(quantize(data, qtype, importance, name=name, hessian=hessian), qtype).reshape(np.shape(data))
 
 
+def compiled_kernel(fn: Callable, **options: Any) -> Callable | None:
+    """`fn` compiled by numba (cached, nogil), or None without numba or when it cannot compile: the callers keep a
+    numpy reference and use the kernel only after checking it against it."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return numba.njit(cache=True, nogil=True, **options)(fn)
+    except Exception:  # pragma: no cover - e.g. no cache locator on a read-only install
+        return None
+
+
 def _gguf_quants() -> ModuleType:
     return sys.modules["gguf"].quants if "gguf" in sys.modules else importlib.import_module("gguf.quants")
 

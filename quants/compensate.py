@@ -190,17 +190,6 @@ def _walk_rows_kernel(x, codes, scale, offset, table, allowed, mids, u, err):  #
                 x[r, j] -= e * u[i, j]
 
 
-def _compile():
-    try:
-        import numba
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        return numba.njit(cache=True, nogil=True, error_model="numpy")(_walk_rows_kernel)
-    except Exception:  # pragma: no cover - e.g. no cache locator on a read-only install
-        return None
-
-
 def _self_check(kernel) -> bool:
     """The compiled walk gives the numpy walk's codes and errors on a small correlated case, or is not used."""
     if kernel is None:
@@ -226,5 +215,5 @@ def _self_check(kernel) -> bool:
     return bool(np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1]))
 
 
-_walk_rows_compiled = _compile()
+_walk_rows_compiled = quants.compiled_kernel(_walk_rows_kernel, error_model="numpy")
 USE_NUMBA = _self_check(_walk_rows_compiled)

@@ -210,17 +210,6 @@ def refit(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray, chunk: int = 102
     return blocks.reshape(out.shape)
 
 
-def _compile():
-    try:
-        import numba
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        return numba.njit(cache=True, nogil=True)(_descend_kernel)
-    except Exception:  # pragma: no cover - e.g. no cache locator on a read-only install
-        return None
-
-
 def _self_check(kernel) -> bool:
     """The compiled descent moves the same codes as the numpy one on a small correlated case, or is not used."""
     if kernel is None:
@@ -249,5 +238,5 @@ def _self_check(kernel) -> bool:
     return bool(np.array_equal(results[0], results[1]) and not np.array_equal(results[0], pos0))
 
 
-_descend_compiled = _compile()
+_descend_compiled = quants.compiled_kernel(_descend_kernel)
 USE_NUMBA = _self_check(_descend_compiled)

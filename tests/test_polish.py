@@ -1,5 +1,6 @@
-"""`quants.polish`: after the compensated walk, coordinate descent on the codes and a least-squares refit of the
-32-blocks' fp16 scales lower the output error under H, row by row, in bytes ggml decodes."""
+"""`quants.polish`: after the compensated walk, coordinate descent on the codes, a least-squares refit of the
+32-blocks' fp16 scales and a refit / descent of the K-quants' integer sub-block scales lower the output error
+under H, row by row, in bytes ggml decodes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from quants.compensate import quantize_compensated
 K = 512
 ALL_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
 REFIT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
+K_REFIT = [T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def _weights(rows: int = 24, seed: int = 0) -> np.ndarray:
@@ -50,9 +52,9 @@ def test_polish_lowers_every_rows_loss(qtype, hessian):
     assert err(polished) < err(walked)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q2_K], ids=lambda t: t.name)
-def test_k_quant_scales_are_the_walks(qtype, hessian):
-    """K-quant scales (6-bit integers under an fp16 super-scale) are not refitted: only codes move."""
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_XS], ids=lambda t: t.name)
+def test_scales_without_a_refit_are_the_walks(qtype, hessian):
+    """Q2_K, Q3_K and IQ4_XS scales are left as the walk wrote them: only codes move."""
     w = _weights(seed=4)
     walked, polished = _walk_and_polish(w, qtype, hessian)
     lay = levels.layout(qtype)
@@ -61,6 +63,57 @@ def test_k_quant_scales_are_the_walks(qtype, hessian):
     a, b = walked.reshape(-1, lay.nbytes), polished.reshape(-1, lay.nbytes)
     np.testing.assert_array_equal(a[:, non_code], b[:, non_code])
     assert not np.array_equal(a, b)
+
+
+def _codes(q, qtype):
+    return levels.unpack_codes(q.reshape(-1, levels.layout(qtype).nbytes), qtype)
+
+
+@pytest.mark.parametrize("qtype", K_REFIT, ids=lambda t: t.name)
+def test_k_scale_descent_keeps_codes_and_never_raises_a_rows_loss(qtype, hessian):
+    w = _weights(seed=5).astype(np.float64)
+    h = qp.damped(hessian, qp.DAMP)
+    start = qp.descend(w, quantize_compensated(w, qtype, None, hessian, do_polish=False), qtype, h)
+    moved = qp.descend_k_scales(w, start, qtype, h)
+    np.testing.assert_array_equal(_codes(moved, qtype), _codes(start, qtype))
+    before, after = qp.row_loss(w, start, qtype, h), qp.row_loss(w, moved, qtype, h)
+    assert (after <= before * (1 + 1e-9)).all()
+    assert after.sum() < before.sum()
+    d, dmin, sc, m = qp._k_header(moved.reshape(-1, levels.layout(qtype).nbytes), qtype)
+    lo = -128 if qtype == T.Q6_K else 0
+    assert sc.min() >= lo and sc.max() <= qp.K_REFIT[qtype.name][1] and m.min() >= 0 and m.max() <= 63
+    np.testing.assert_array_equal(d, qp._k_header(start.reshape(-1, levels.layout(qtype).nbytes), qtype)[0])
+
+
+@pytest.mark.parametrize("qtype", K_REFIT, ids=lambda t: t.name)
+def test_k_refit_super_scales_are_the_least_squares_optimum(qtype, hessian):
+    """With codes and the new integer sub-block scales fixed, each row's super-scales (d, and dmin) solve the dense
+    least-squares problem (before fp16 rounding): the decoded row equals the solution's up to fp16."""
+    w = _weights(rows=3, seed=6).astype(np.float64)
+    h = qp.damped(hessian, qp.DAMP)
+    q = qp.descend(w, quantize_compensated(w, qtype, None, hessian, do_polish=False), qtype, h)
+    refit = qp.refit_k(w, q, qtype, h)
+    np.testing.assert_array_equal(_codes(refit, qtype), _codes(q, qtype))
+    lay = levels.layout(qtype)
+    blocks = refit.reshape(-1, lay.nbytes)
+    d, dmin, sc, m = qp._k_header(blocks, qtype)
+    sub = qp.K_REFIT[qtype.name][0]
+    level = lay.table[levels.unpack_codes(blocks, qtype)].reshape(3, -1, sub)          # (rows, sub-blocks, sub)
+    coef_d = (sc.reshape(3, -1)[..., None] * level).reshape(3, K // 256, 256)
+    coef_m = np.repeat(m.reshape(3, -1), sub, axis=1).reshape(3, K // 256, 256).astype(np.float64)
+    nsb = K // 256
+    for r in range(3):
+        a = np.zeros((K, 2 * nsb))
+        for b in range(nsb):
+            a[b * 256:(b + 1) * 256, b] = coef_d[r, b]
+            a[b * 256:(b + 1) * 256, nsb + b] = -coef_m[r, b]
+        if qtype == T.Q6_K:
+            a = a[:, :nsb]
+        x = np.linalg.lstsq(a.T @ h @ a, a.T @ h @ w[r], rcond=None)[0]
+        got = quants.dequantize(refit, qtype).reshape(3, K)[r]
+        expect = a @ x.astype(np.float16).astype(np.float64)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d.reshape(3, -1)[r], x[:nsb], rtol=2e-3)
 
 
 @pytest.mark.parametrize("qtype", REFIT, ids=lambda t: t.name)
@@ -122,14 +175,15 @@ def test_zero_rows_and_blocks_stay_finite(hessian):
     w = _weights(rows=4, seed=8)
     w[1] = 0.0
     w[2, 64:96] = 0.25
-    for qtype in REFIT:
+    w[3, 256:512] = -0.5
+    for qtype in REFIT + K_REFIT:
         y = quants.dequantize(quantize_compensated(w, qtype, None, hessian), qtype).reshape(w.shape)
         assert np.isfinite(y).all(), qtype.name
         np.testing.assert_array_equal(y[1], 0.0)
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("qtype", REFIT + [T.Q5_K, T.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", REFIT + K_REFIT + [T.Q3_K], ids=lambda t: t.name)
 def test_polished_bytes_decode_with_libggml(reference, qtype, hessian):
     from llamacpp.ggml import ggml_dequantize, load_libggml
 

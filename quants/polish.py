@@ -209,14 +209,8 @@ def refit_k(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray) -> np.ndarray:
     type's integer grid under a fresh super-scale (max / top), then the fp16 super-scales (d, dmin) solved again
     with those integers fixed. Q6_K: int8 scales of 16-weight sub-blocks; Q4_K/Q5_K: 6-bit scales and mins of
     32-weight sub-blocks."""
-    qtype = quants.parse_type(qtype)
-    sub, top, affine = K_REFIT[qtype.name]
-    lay = levels.layout(qtype)
-    n, k = w.shape
-    blocks, bs = _blocks(out, qtype)
-    blocks = blocks.copy()
-    nsb, per = k // bs, bs // sub                          # super-blocks per row, sub-blocks per super-block
-    level = lay.table[levels.unpack_codes(blocks, qtype)].reshape(n, nsb * per, sub)
+    qtype, blocks, level, (n, k, nsb, per, sub, top, affine) = _k_blocks(w, out, qtype)
+    bs = per * sub                                         # super-block length
     scale, offset = levels.grid(blocks, qtype)
     x0 = scale.reshape(n, k)[:, ::sub]
     if affine:
@@ -242,14 +236,7 @@ def refit_k(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray) -> np.ndarray:
 def descend_k_scales(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray, sweeps: int = SWEEPS) -> np.ndarray:
     """Coordinate descent on a K-quant's integer sub-block scales (and mins), codes and super-scales fixed: each
     moves by one step when that lowers the row's loss (a step moves its whole sub-block's weights at once)."""
-    qtype = quants.parse_type(qtype)
-    sub, top, affine = K_REFIT[qtype.name]
-    lay = levels.layout(qtype)
-    n, k = w.shape
-    blocks, bs = _blocks(out, qtype)
-    blocks = blocks.copy()
-    nsb, per = k // bs, bs // sub
-    level = lay.table[levels.unpack_codes(blocks, qtype)].reshape(n, nsb * per, sub)
+    qtype, blocks, level, (n, k, nsb, per, sub, top, affine) = _k_blocks(w, out, qtype)
     d, dmin, sc, m = _k_header(blocks, qtype)
     d_w = np.repeat(d.reshape(n, nsb), per, axis=1)                 # (n, sub-blocks): each sub-block's d
     dmin_w = np.repeat(dmin.reshape(n, nsb), per, axis=1)
@@ -289,6 +276,20 @@ def descend_k_scales(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray, sweep
             break
     _set_k_header(blocks, qtype, d, dmin, sc.reshape(n * nsb, per), m.reshape(n * nsb, per))
     return blocks.reshape(out.shape)
+
+
+def _k_blocks(w: np.ndarray, out: np.ndarray, qtype) -> tuple:
+    """A K-quant row set's blocks (a copy to edit), code levels (rows, sub-blocks, sub) and its shape facts
+    (rows, K, super-blocks per row, sub-blocks per super-block, sub-block length, largest scale, with mins)."""
+    qtype = quants.parse_type(qtype)
+    sub, top, affine = K_REFIT[qtype.name]
+    lay = levels.layout(qtype)
+    n, k = w.shape
+    blocks, bs = _blocks(out, qtype)
+    blocks = blocks.copy()
+    nsb, per = k // bs, bs // sub
+    level = lay.table[levels.unpack_codes(blocks, qtype)].reshape(n, nsb * per, sub)
+    return qtype, blocks, level, (n, k, nsb, per, sub, top, affine)
 
 
 def _k_header(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 
 import quants
 from quants import levels
-from quants.affine_search import pack_k4_scales, unpack_k4_scales
+from quants.affine_search import fp16_bytes, pack_k4_scales, unpack_k4_scales
 
 SWEEPS = 10     # at most this many passes over a row's weights; a row stops when no weight moved
 ROUNDS = 3      # scale refits, each followed by descent
@@ -195,12 +195,9 @@ def refit(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray) -> np.ndarray:
     if affine:
         x0 = np.concatenate([x0, offset[:, 0].reshape(n, nblk)], axis=1)
     x = _block_lstsq(w, h, level, np.ones_like(level) if affine else None, x0)
-    fp16 = np.finfo(np.float16).max
-    d = np.clip(x[:, :nblk], -fp16, fp16).reshape(-1).astype(np.float16)
-    blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
+    blocks[:, 0:2] = _fp16_bytes(x[:, :nblk])
     if affine:
-        mins = np.clip(-x[:, nblk:], -fp16, fp16).reshape(-1).astype(np.float16)
-        blocks[:, 2:4] = mins.view(np.uint8).reshape(-1, 2)
+        blocks[:, 2:4] = _fp16_bytes(-x[:, nblk:])
     return blocks.reshape(out.shape)
 
 
@@ -228,8 +225,10 @@ def refit_k(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray) -> np.ndarray:
     coef_o = np.repeat(m, sub, axis=1).reshape(n, nsb, bs).astype(np.float64) if affine else None
     y0 = d.reshape(n, nsb) if not affine else np.concatenate([d.reshape(n, nsb), dmin.reshape(n, nsb)], axis=1)
     y = _block_lstsq(w, h, coef_s, coef_o, y0)
-    _set_k_header(blocks, qtype, y[:, :nsb].reshape(-1), y[:, nsb:].reshape(-1) if affine else d * 0, sc,
-                  m if affine else sc * 0)
+    if affine:
+        _set_k_header(blocks, qtype, y[:, :nsb], sc, y[:, nsb:], m)
+    else:
+        _set_k_header(blocks, qtype, y[:, :nsb], sc)
     return blocks.reshape(out.shape)
 
 
@@ -259,9 +258,10 @@ def descend_k_scales(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray, sweep
             gj = g[:, cols]
             for ts, tm in moves:
                 u = ts * u_s + tm * u_m
-                gain = -2.0 * np.einsum("ni,ni->n", u, gj) + np.einsum("ni,ij,nj->n", u, hjj, u)
+                quad = np.einsum("ni,ij,nj->n", u, hjj, u)
+                gain = -2.0 * np.einsum("ni,ni->n", u, gj) + quad
                 ok = ((sc[:, j] + ts >= lo_s) & (sc[:, j] + ts <= top) & (m[:, j] + tm >= 0) & (m[:, j] + tm <= top)
-                      & (gain < best) & (gain < -1e-12 * np.abs(gain).max(initial=0.0)))
+                      & (gain < best) & (gain < -1e-12 * quad))
                 best = np.where(ok, gain, best)
                 best_ts = np.where(ok, ts, best_ts)
                 best_tm = np.where(ok, tm, best_tm)
@@ -274,7 +274,7 @@ def descend_k_scales(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray, sweep
             g -= (best_ts[:, None] * u_s + best_tm[:, None] * u_m) @ h[cols, :]
         if not moved_any:
             break
-    _set_k_header(blocks, qtype, d, dmin, sc.reshape(n * nsb, per), m.reshape(n * nsb, per))
+    _set_k_header(blocks, qtype, d, sc.reshape(n * nsb, per), dmin, m.reshape(n * nsb, per))
     return blocks.reshape(out.shape)
 
 
@@ -304,16 +304,22 @@ def _k_header(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.nda
     return d, dmin, sc.T.astype(np.int64), m.T.astype(np.int64)
 
 
-def _set_k_header(blocks: np.ndarray, qtype, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> None:
-    fp16 = np.finfo(np.float16).max
-    d16 = np.clip(d, -fp16, fp16).astype(np.float16).view(np.uint8).reshape(-1, 2)
+def _set_k_header(blocks: np.ndarray, qtype, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray | None = None,
+                  m: np.ndarray | None = None) -> None:
+    """Writes _k_header's fields back (Q6_K has no mins)."""
     if qtype.name == "Q6_K":
         blocks[:, 192:208] = sc.astype(np.int8).view(np.uint8)
-        blocks[:, 208:210] = d16
+        blocks[:, 208:210] = _fp16_bytes(d)
         return
-    blocks[:, 0:2] = d16
-    blocks[:, 2:4] = np.clip(dmin, -fp16, fp16).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    blocks[:, 0:2] = _fp16_bytes(d)
+    blocks[:, 2:4] = _fp16_bytes(dmin)
     blocks[:, 4:16] = pack_k4_scales(sc.T.astype(np.uint8), m.T.astype(np.uint8))
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """Reals -> fp16 byte pairs, clipped to fp16's range (a solve's outlier must not become inf)."""
+    fp16 = float(np.finfo(np.float16).max)
+    return fp16_bytes(np.clip(np.ravel(v), -fp16, fp16))
 
 
 def _integer_scales(s: np.ndarray, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,15 +343,15 @@ def _block_lstsq(w: np.ndarray, h: np.ndarray, coef_s: np.ndarray, coef_o: np.nd
     for r0 in range(0, n, chunk):
         c = coef_s[r0:r0 + chunk]
         m = c.shape[0]
-        hc = np.einsum("mai,aij->mja", c, hb)  # H A_s, per row
-        a_ss = np.einsum("mai,maib->mab", c, hc.reshape(m, nblk, bs, nblk))
+        hc = np.matmul(c.transpose(1, 0, 2), hb).reshape(nblk, m, nblk, bs)  # (A_s^T H)[a] per row, batched BLAS
+        a_ss = np.einsum("ambi,mbi->mab", hc, c)
         hw = (w[r0:r0 + chunk] @ h).reshape(m, nblk, bs)
         rhs = np.einsum("mai,mai->ma", c, hw)
         if coef_o is not None:
             u = coef_o[r0:r0 + chunk]
-            hu = np.einsum("mai,aij->mja", u, hb)
-            a_so = -np.einsum("mai,maib->mab", c, hu.reshape(m, nblk, bs, nblk))
-            a_oo = np.einsum("mai,maib->mab", u, hu.reshape(m, nblk, bs, nblk))
+            hu = np.matmul(u.transpose(1, 0, 2), hb).reshape(nblk, m, nblk, bs)
+            a_so = -np.einsum("bmai,mai->mab", hu, c)
+            a_oo = np.einsum("ambi,mbi->mab", hu, u)
             a = np.empty((m, 2 * nblk, 2 * nblk))
             a[:, :nblk, :nblk] = a_ss
             a[:, :nblk, nblk:] = a_so

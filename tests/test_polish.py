@@ -170,6 +170,21 @@ def test_rows_stay_independent(hessian, monkeypatch):
     np.testing.assert_array_equal(quantize_compensated(w[5:6], T.Q5_1, None, hessian), whole[5:6])
 
 
+@pytest.mark.parametrize("qtype", K_REFIT, ids=lambda t: t.name)
+def test_k_scale_passes_keep_rows_independent(qtype, hessian):
+    """A row's polished K-quant bytes do not depend on which rows share its batch (the scale descent's stop
+    threshold is per row), so a tensor encodes the same in any chunking."""
+    w = _weights(rows=12, seed=9)
+    whole = quantize_compensated(w, qtype, None, hessian)
+    for r in (0, 7):
+        np.testing.assert_array_equal(quantize_compensated(w[r:r + 1], qtype, None, hessian), whole[r:r + 1])
+    # one row scaled 1e5x: its gains dwarf the others', which must not change the others' stopping
+    loud = w.copy()
+    loud[3] *= 1e5
+    np.testing.assert_array_equal(np.delete(quantize_compensated(loud, qtype, None, hessian), 3, axis=0),
+                                  np.delete(whole, 3, axis=0))
+
+
 def test_zero_rows_and_blocks_stay_finite(hessian):
     """A block of zeros (scale 0) and a block of one repeated value (a singular refit) decode finitely."""
     w = _weights(rows=4, seed=8)

@@ -245,34 +245,45 @@ def descend_k_scales(w: np.ndarray, out: np.ndarray, qtype, h: np.ndarray, sweep
     # moves (scale step, min step): alone, and for mins also together, so a scale step can keep the block's mean
     moves = [(1, 0), (-1, 0)] + ([(0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1)] if affine else [])
     lo_s = 0 if affine else -128
+    # a row that moved nothing in a whole sweep is done (its g changes only when it moves), so each sweep visits
+    # the rows still moving; the quadratic forms of a step are the same for every move, so they are formed once
+    rows = np.arange(n)
     for _ in range(sweeps):
-        moved_any = False
+        moved = np.zeros(len(rows), dtype=bool)
         for j in range(nsb * per):
             cols = slice(j * sub, (j + 1) * sub)
             hjj = h[cols, cols]
-            u_s = d_w[:, j, None] * level[:, j]                       # (n, sub): w^ change per scale step
-            u_m = -np.repeat(dmin_w[:, j, None], sub, axis=1)         # ... per min step
-            best = np.zeros(n)
-            best_ts = np.zeros(n, dtype=np.int64)
-            best_tm = np.zeros(n, dtype=np.int64)
-            gj = g[:, cols]
+            u_s = d_w[rows, j, None] * level[rows, j]                 # (rows, sub): w^ change per scale step
+            c_m = -dmin_w[rows, j]                                   # ... per min step, the same for the sub-block
+            gj = g[rows, cols]
+            a = u_s @ hjj
+            q_ss = np.einsum("ni,ni->n", a, u_s)
+            q_sm = c_m * a.sum(axis=1)
+            q_mm = c_m * c_m * hjj.sum()
+            l_s = np.einsum("ni,ni->n", u_s, gj)
+            l_m = c_m * gj.sum(axis=1)
+            best = np.zeros(len(rows))
+            best_ts = np.zeros(len(rows), dtype=np.int64)
+            best_tm = np.zeros(len(rows), dtype=np.int64)
+            s_j, m_j = sc[rows, j], m[rows, j]
             for ts, tm in moves:
-                u = ts * u_s + tm * u_m
-                quad = np.einsum("ni,ij,nj->n", u, hjj, u)
-                gain = -2.0 * np.einsum("ni,ni->n", u, gj) + quad
-                ok = ((sc[:, j] + ts >= lo_s) & (sc[:, j] + ts <= top) & (m[:, j] + tm >= 0) & (m[:, j] + tm <= top)
+                quad = ts * ts * q_ss + 2 * ts * tm * q_sm + tm * tm * q_mm
+                gain = -2.0 * (ts * l_s + tm * l_m) + quad
+                ok = ((s_j + ts >= lo_s) & (s_j + ts <= top) & (m_j + tm >= 0) & (m_j + tm <= top)
                       & (gain < best) & (gain < -1e-12 * quad))
                 best = np.where(ok, gain, best)
                 best_ts = np.where(ok, ts, best_ts)
                 best_tm = np.where(ok, tm, best_tm)
-            move = (best_ts != 0) | (best_tm != 0)
-            if not move.any():
+            go = np.flatnonzero((best_ts != 0) | (best_tm != 0))
+            if not go.size:
                 continue
-            moved_any = True
-            sc[:, j] += best_ts
-            m[:, j] += best_tm
-            g -= (best_ts[:, None] * u_s + best_tm[:, None] * u_m) @ h[cols, :]
-        if not moved_any:
+            moved[go] = True
+            r = rows[go]
+            sc[r, j] += best_ts[go]
+            m[r, j] += best_tm[go]
+            g[r] -= (best_ts[go, None] * u_s[go] + (best_tm[go] * c_m[go])[:, None]) @ h[cols, :]
+        rows = rows[moved]
+        if not rows.size:
             break
     _set_k_header(blocks, qtype, d, sc.reshape(n * nsb, per), dmin, m.reshape(n * nsb, per))
     return blocks.reshape(out.shape)
@@ -339,7 +350,9 @@ def _block_lstsq(w: np.ndarray, h: np.ndarray, coef_s: np.ndarray, coef_o: np.nd
     nblk, bs = coef_s.shape[1:]
     hb = h.reshape(nblk, bs, k)
     x = np.empty_like(x0)
-    chunk = max(1, min(n, (1 << 24) // (k * nblk)))  # bounds the (rows, k, blocks) products to 128 MiB each
+    # rows per pass: the (rows, k, blocks) products stay at 16 MiB, under glibc's largest mmap threshold, so
+    # their memory is reused from pass to pass instead of being mapped (and page-faulted) afresh every time
+    chunk = max(1, min(n, (1 << 21) // (k * nblk)))
     for r0 in range(0, n, chunk):
         c = coef_s[r0:r0 + chunk]
         m = c.shape[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
 
 import quants
 
@@ -103,3 +104,19 @@ def test_per_expert_importance_and_round_trip():
         bad = imp.copy()
         bad[1, 0] = np.nan
         quants.quantize(x, "Q4_K", bad, name="blk.0.ffn_down_exps.weight")
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K, T.IQ4_XS, T.BF16],
+                         ids=lambda t: t.name)
+def test_dequantize_in_chunks_equals_gguf_py(qtype, monkeypatch):
+    """quants.dequantize hands gguf-py big runs of blocks (not its 16 rows at a time): same values and shape,
+    also when the blocks span several runs and for byte arrays of any leading shape."""
+    monkeypatch.setattr(quants, "_DEQUANT_CHUNK", 1024)  # several runs, the last one short
+    x = np.random.default_rng(7).standard_normal((3, 5, 512)).astype(np.float32)
+    q = quants.quantize(x.reshape(-1, 512), qtype).reshape(3, 5, -1)
+    ref = np.asarray(gguf_quants.dequantize(q, qtype), dtype=np.float32)
+    for data in (q, q.reshape(15, -1), q.reshape(-1)):
+        got = quants.dequantize(data, qtype)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got.reshape(ref.shape), ref)
+        assert got.shape == np.asarray(gguf_quants.dequantize(data, qtype)).shape

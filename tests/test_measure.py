@@ -302,3 +302,22 @@ def test_chunked_round_trip_equals_whole_tensor(qtype):
     e2 = error_stats(w, r, imp)
     for f in ("rmse", "max_abs_err", "wmse", "rel_err", "cos"):
         assert getattr(e, f) == pytest.approx(getattr(e2, f), rel=1e-6)
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a one-core machine's BLAS pool has one thread anyway")
+def test_measurement_workers_run_one_blas_thread_each() -> None:
+    """A forked worker inherits the parent's BLAS pool sized for every core; beside the other workers it only
+    competes for them (measure/run.py's _worker_init resizes it)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from measure.run import _worker_init
+
+    assert max(_blas_threads()) > 1  # the parent's pool, which a fork inherits
+    with ProcessPoolExecutor(max_workers=1, initializer=_worker_init) as pool:
+        assert pool.submit(_blas_threads).result() == [1]

@@ -486,3 +486,25 @@ def test_strategy_entry_for_never_quantized_tensor_keeps_f32(tiny_model, tmp_pat
 def test_cli_without_model_is_a_usage_error():
     p = run_cli(check=False)
     assert p.returncode == 2 and "required: model" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="a one-core machine's BLAS pool has one thread")
+def test_prefetcher_runs_one_blas_thread_per_call_while_open() -> None:
+    """The quantize threads fill the cores; a BLAS pool per call beside them only competes (same bytes, more CPU
+    time). Closing restores the caller's setting: main() may run in a process that goes on."""
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    assert max(before) > 1
+    p = cs.Prefetcher(2)
+    try:
+        assert blas() == [1] * len(before)
+    finally:
+        p.close()
+    assert blas() == before
+    single = cs.Prefetcher(1)  # inline quantization: BLAS keeps its pool
+    assert blas() == before
+    single.close()

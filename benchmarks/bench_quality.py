@@ -22,7 +22,7 @@ What it does (every artifact cached under ~/.cache/gguf-strategy-bench/, keyed b
    not see (never the evaluation text), fitted by strategy.calibrate.
 6. plans at each stock size: budget allocator uncalibrated, ASHQ1, budget allocator calibrated; each converted
    by convert_hf_to_gguf_strategy.py with the same imatrix (the file is checked to be <= the stock file).
-   The calibrated plan is selected and refined by 2-chunk probes; when refinement changed it, both plans are
+   The calibrated plan is selected and refined by 4-chunk probes; when refinement changed it, both plans are
    converted and llama-perplexity judges them on --judge-chunks (20) of the calibration text's last quarter
    (never the evaluation text): a refinement of 36-40 probe-judged steps can overfit its probe chunks.
 6b. tune (--tune-steps, default 60): `python -m tune` fits the calibrated file's block scales and norm vectors
@@ -386,7 +386,7 @@ class Bench:
         start = ctx.get("unrefined", {}).get(mix)
         if self.a.judge_chunks <= 0 or start is None or np.array_equal(start.choice, res.choice):
             return self.convert(mix, method, res, target, ctx)
-        # the refinement kept every change its 2-chunk probe measured as a gain: confirm it on more text
+        # the refinement kept every change its probe measured as a gain: confirm it on more text
         files = {"refined": self.convert(mix, method, res, target, ctx),
                  "unrefined": self.convert(mix, method, start, target, ctx)}
         kld = {k: self.judge_kld(f)["kld_mean"] for k, f in files.items()}
@@ -623,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--imatrix-ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=40)
     ap.add_argument("--probe-ctx", type=int, default=512)
-    ap.add_argument("--probe-chunks", type=int, default=2)
+    ap.add_argument("--probe-chunks", type=int, default=4,
+                    help="chunks of the probe text per probe (2 picked a worse Q5_K_M plan: docs/quality.md)")
     ap.add_argument("--probe-steps", choices=("sparse", "all"), default="all",
                     help="calibration probes at two ladder steps per group, or at every lossy step")
     ap.add_argument("--probe-emulate", action=argparse.BooleanOptionalAction, default=True,
@@ -637,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--judge-chunks", type=int, default=20,
                     help="when refinement changed the calibrated plan, convert it and its unrefined start and keep the "
                          "one with the lower llama.cpp KLD on this many chunks of the calibration text from "
-                         "--judge-offset on (the 2-chunk probes of 36-40 refinement steps overfit: docs/quality.md); 0: "
+                         "--judge-offset on (36-40 refinement steps judged by 2-chunk probes overfit: docs/quality.md); 0: "
                          "keep the refined plan")
     ap.add_argument("--judge-offset", type=float, default=0.75,
                     help="the judge reads the calibration text from this fraction on (after the probes' passages)")

@@ -73,7 +73,8 @@ def _worker_init() -> None:
 
     The environment variables reach only libraries the worker loads later (numba). Forked workers inherit the
     parent's numpy, whose BLAS pool was sized at import, so it is resized in place; left alone, each worker's BLAS
-    thread competed with the other workers for the cores (a third of the workers' CPU time on 2 cores)."""
+    thread competed with the other workers for the cores (the compensated measurement's per-unit seconds fell
+    4-7x on 2 cores when it was resized: docs/measure.md)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = "1"
     from threadpoolctl import threadpool_limits

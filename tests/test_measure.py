@@ -320,4 +320,5 @@ def test_measurement_workers_run_one_blas_thread_each() -> None:
 
     assert max(_blas_threads()) > 1  # the parent's pool, which a fork inherits
     with ProcessPoolExecutor(max_workers=1, initializer=_worker_init) as pool:
-        assert pool.submit(_blas_threads).result() == [1]
+        in_worker = pool.submit(_blas_threads).result()
+    assert in_worker and set(in_worker) == {1}  # every BLAS the worker has loaded (torch may bring another)
